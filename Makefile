@@ -1,0 +1,10 @@
+test:
+	scripts/test
+
+run:
+	scripts/run $(ARGS)
+
+protos:
+	scripts/generate-protos
+
+.PHONY: test run protos

@@ -1,0 +1,368 @@
+"""The client side of gRPC over HTTP/2: calls toward one server address.
+
+`Channel` owns (re)connecting to one address and starts calls on it.
+`Channel.start_call` gives a streaming call of any kind that reports to a listener;
+`Channel.unary_call` is the Deferred-based convenience for unary calls.
+"""
+
+from twisted.internet import defer
+from twisted.internet.endpoints import connectProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from h2.errors import ErrorCodes
+
+import etcdproxy
+from etcdproxy.grpc.connection import H2Protocol, Limits, MessageStream
+from etcdproxy.grpc.metadata import application_metadata, format_timeout
+from etcdproxy.grpc.status import GRPCError, StatusCode, decode_grpc_message, status_for_reset
+
+USER_AGENT = b"etcdgrpcproxy/%s" % etcdproxy.__version__.encode()
+
+# gRPC spec: the status to report when the HTTP status is not 200.
+_HTTP_TO_STATUS = {
+    b"400": StatusCode.INTERNAL,
+    b"401": StatusCode.UNAUTHENTICATED,
+    b"403": StatusCode.PERMISSION_DENIED,
+    b"404": StatusCode.UNIMPLEMENTED,
+    b"429": StatusCode.UNAVAILABLE,
+    b"502": StatusCode.UNAVAILABLE,
+    b"503": StatusCode.UNAVAILABLE,
+    b"504": StatusCode.UNAVAILABLE,
+}
+
+
+class IClientCallListener(Interface):
+    def headers_received(metadata):
+        """Response headers, as application metadata (bytes pairs)."""
+
+    def response_received(message):
+        """One response message (bytes)."""
+
+    def call_finished(error, metadata):
+        """The call is over: ``error`` is None for OK, else a `GRPCError`;
+        ``metadata`` is the trailing application metadata."""
+
+
+class ClientCall(MessageStream):
+    """One outgoing call. Messages sent before the connection is up are queued."""
+
+    def __init__(self, channel, method, metadata, listener, timeout):
+        super().__init__(None, None, channel.limits)
+        self.channel = channel
+        self.method = method
+        self.metadata = metadata
+        self.listener = listener
+        self.timeout = timeout
+        self._http_status = None
+        self._trailers = None
+        self._finished = False
+        self._end_sent = False
+        self._timer = None
+        if timeout is not None:
+            self._timer = channel.reactor.callLater(max(0, timeout), self._deadline_expired)
+
+    def request_headers(self, authority):
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", self.method),
+            (b":authority", authority),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            (b"user-agent", USER_AGENT),
+        ]
+        if self.timeout is not None:
+            remaining = self._timer.getTime() - self.channel.reactor.seconds()
+            headers.append((b"grpc-timeout", format_timeout(remaining)))
+        headers.extend(self.metadata)
+        return headers
+
+    # -- caller API -------------------------------------------------------------
+
+    def send_message(self, payload):
+        self.queue_message(payload)
+
+    def end(self):
+        """Half-close: no more request messages."""
+        self.queue_end(self._send_end_stream)
+
+    def _send_end_stream(self):
+        self._end_sent = True
+        self.protocol.conn.end_stream(self.stream_id)
+
+    def cancel(self):
+        """Abandons the call; the listener is not called."""
+        if self._finished:
+            return
+        self._finished = True
+        self._cancel_timer()
+        if self.protocol is not None:
+            self.protocol.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+        else:
+            self.channel.forget_waiting(self)
+        self.close()
+
+    # -- events -----------------------------------------------------------------
+
+    def headers_received(self, headers):
+        status = dict(headers)
+        self._http_status = status.get(b":status")
+        if b"grpc-status" in status:
+            self._trailers = headers  # Trailers-Only
+        elif self._http_status == b"200":
+            self.listener.headers_received(application_metadata(headers))
+
+    def trailers_received(self, headers):
+        self._trailers = headers
+
+    def _deliver(self, message):
+        if not self._finished:
+            self.listener.response_received(message)
+
+    def _receive_failed(self, error):
+        if self.protocol is not None:
+            self.protocol.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+        self._finish(error, ())
+
+    def end_received(self):
+        if self._end_sent:
+            self.protocol.stream_done(self)
+        else:
+            # Our side is still open, but the server is done with the call.
+            self.protocol.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
+        trailers = self._trailers
+        if trailers is None:
+            code = _HTTP_TO_STATUS.get(self._http_status, StatusCode.UNKNOWN)
+            if self._http_status == b"200":
+                code, message = StatusCode.INTERNAL, "server closed the stream without sending trailers"
+            else:
+                message = f"unexpected HTTP status code {self._http_status!r}"
+            self._finish(GRPCError(code, message), ())
+        else:
+            fields = dict(trailers)
+            try:
+                code = int(fields.get(b"grpc-status", b"2"))
+            except ValueError:
+                code = StatusCode.UNKNOWN
+            error = None
+            if code != StatusCode.OK:
+                error = GRPCError(code, decode_grpc_message(fields.get(b"grpc-message", b"")))
+            metadata = application_metadata(trailers)
+            if error is not None:
+                error.metadata = tuple(metadata)
+            self._finish(error, metadata)
+
+    def reset_received(self, error_code):
+        self._finish(GRPCError(
+            status_for_reset(error_code),
+            f"stream terminated by RST_STREAM with error code: {error_code!r}",
+        ), ())
+
+    def connection_lost(self, reason):
+        self._finish(GRPCError(StatusCode.UNAVAILABLE, f"upstream connection lost: {reason.getErrorMessage()}"), ())
+
+    def refused(self, message):
+        """The server will never process this call (GOAWAY, connect failure)."""
+        self._finish(GRPCError(StatusCode.UNAVAILABLE, message), ())
+
+    def _deadline_expired(self):
+        self._timer = None
+        if self.protocol is not None:
+            self.protocol.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+        else:
+            self.channel.forget_waiting(self)
+        self._finish(GRPCError(StatusCode.DEADLINE_EXCEEDED, "context deadline exceeded"), ())
+
+    def _finish(self, error, metadata):
+        if self._finished:
+            return
+        self._finished = True
+        self._cancel_timer()
+        self.close()
+        self.listener.call_finished(error, metadata)
+
+    def _cancel_timer(self):
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+
+class GRPCClientProtocol(H2Protocol):
+    client_side = True
+    _log = Logger()
+
+    def __init__(self, channel):
+        super().__init__(channel.reactor, channel.limits)
+        self.channel = channel
+        self.draining = False
+        self._ping = None
+        self._ping_payload = 0
+        self._ping_outstanding = None
+
+    def connectionMade(self):
+        super().connectionMade()
+        if self.channel.keepalive_interval:
+            self._ping = LoopingCall(self._keepalive)
+            self._ping.clock = self.reactor
+            self._ping.start(self.channel.keepalive_interval, now=False)
+
+    def attach(self, call):
+        sid = self.conn.get_next_available_stream_id()
+        call.protocol = self
+        call.stream_id = sid
+        self.streams[sid] = call
+        self.conn.send_headers(sid, call.request_headers(self.channel.authority))
+        self.schedule_flush(call)
+
+    def response_received(self, event):
+        call = self.streams.get(event.stream_id)
+        if call is not None:
+            call.headers_received(event.headers)
+
+    def goaway_received(self, event):
+        # Calls above last_stream_id were never seen by the server: safe to retry.
+        self.draining = True
+        self.channel.protocol_gone(self)
+        for sid, call in list(self.streams.items()):
+            if sid > event.last_stream_id:
+                del self.streams[sid]
+                call.refused(f"upstream sent GOAWAY ({event.error_code!r})")
+        if not self.streams:
+            self.transport.loseConnection()
+
+    def stream_done(self, stream):
+        super().stream_done(stream)
+        if self.draining and not self.streams:
+            self.transport.loseConnection()
+
+    # Keepalive: etcd answers pings faster than every 5 s, or sent while no
+    # stream is open, with GOAWAY "too_many_pings"; ping only while calls run.
+    def _keepalive(self):
+        if self._ping_outstanding is not None:
+            if self.reactor.seconds() - self._ping_outstanding > self.channel.keepalive_timeout:
+                self._log.warn("upstream {peer} missed a keepalive ping; closing", peer=self.transport.getPeer())
+                self.transport.abortConnection()
+            return
+        if not self.streams:
+            return
+        self._ping_payload += 1
+        self._ping_outstanding = self.reactor.seconds()
+        self.conn.ping(self._ping_payload.to_bytes(8, "big"))
+        self.schedule_flush(None)
+
+    def ping_acked(self, event):
+        self._ping_outstanding = None
+
+    def connectionLost(self, reason):
+        if self._ping is not None and self._ping.running:
+            self._ping.stop()
+        self.channel.protocol_gone(self)
+        super().connectionLost(reason)
+
+
+@implementer(IClientCallListener)
+class _UnaryResult:
+    def __init__(self):
+        self.deferred = defer.Deferred(self._cancel)
+        self.call = None
+        self.messages = []
+
+    def _cancel(self, d):
+        self.call.cancel()
+
+    def headers_received(self, metadata):
+        pass
+
+    def response_received(self, message):
+        self.messages.append(message)
+
+    def call_finished(self, error, metadata):
+        if error is not None:
+            self.deferred.errback(error)
+        elif len(self.messages) != 1:
+            self.deferred.errback(GRPCError(StatusCode.INTERNAL, f"unary call got {len(self.messages)} responses"))
+        else:
+            self.deferred.callback(self.messages[0])
+
+
+class Channel:
+    """Calls to one server address over one HTTP/2 connection at a time.
+
+    The connection is opened on the first call and again after it is lost; a
+    call made while no connection can be had fails with UNAVAILABLE.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, endpoint, authority, limits=Limits(),
+                 keepalive_interval=10.0, keepalive_timeout=10.0):
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.authority = authority
+        self.limits = limits
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self._protocol = None
+        self._connecting = None
+        self._waiting = []
+        self._closed = False
+
+    def start_call(self, method, metadata, listener, timeout=None):
+        call = ClientCall(self, method, metadata, listener, timeout)
+        if self._closed:
+            call.refused("channel closed")
+        elif self._protocol is not None:
+            self._protocol.attach(call)
+        else:
+            self._waiting.append(call)
+            self._connect()
+        return call
+
+    def unary_call(self, method, request, metadata=(), timeout=None):
+        """Deferred firing with the response bytes, or failing with `GRPCError`."""
+        result = _UnaryResult()
+        result.call = self.start_call(method, metadata, result, timeout)
+        result.call.send_message(request)
+        result.call.end()
+        return result.deferred
+
+    def _connect(self):
+        if self._connecting is not None:
+            return
+        self._connecting = connectProtocol(self.endpoint, GRPCClientProtocol(self))
+        self._connecting.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, protocol):
+        self._connecting = None
+        if self._closed:
+            protocol.transport.loseConnection()
+            return
+        self._protocol = protocol
+        waiting, self._waiting = self._waiting, []
+        for call in waiting:
+            protocol.attach(call)
+
+    def _connect_failed(self, failure):
+        self._connecting = None
+        waiting, self._waiting = self._waiting, []
+        message = f"connection error: {failure.getErrorMessage()}"
+        for call in waiting:
+            call.refused(message)
+
+    def forget_waiting(self, call):
+        if call in self._waiting:
+            self._waiting.remove(call)
+
+    def protocol_gone(self, protocol):
+        if self._protocol is protocol:
+            self._protocol = None
+
+    def close(self):
+        """Closes the connection; calls in flight end with UNAVAILABLE."""
+        self._closed = True
+        if self._protocol is not None:
+            self._protocol.transport.loseConnection()
+            self._protocol = None

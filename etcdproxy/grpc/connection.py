@@ -1,0 +1,386 @@
+"""What gRPC's server and client sides share on one HTTP/2 connection.
+
+`H2Protocol` drives an h2 state machine on a Twisted transport and writes once per
+batch of work; `MessageStream` carries one call's gRPC messages in both directions
+with HTTP/2 flow control:
+
+- inbound, a stream's window is replenished only when its data has been handed on,
+  and not while the stream is paused, so a slow consumer makes the peer stop
+  sending; the connection-level window is replenished at once, so one paused stream
+  never stalls the others on the same connection;
+- outbound, messages wait in the stream's queue for the peer's window; past a high
+  watermark the queue pauses its registered producer (the other side of the proxy)
+  and resumes it once drained, as in Twisted's producer/consumer model.
+"""
+
+import dataclasses
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    PingAckReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.settings import SettingCodes
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from etcdproxy.grpc.framing import MessageDecoder, encode_message
+from etcdproxy.grpc.status import GRPCError
+
+_MAX_INT31 = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Per-connection limits, all in bytes except max_concurrent_streams."""
+
+    max_receive_message: int = 4 * 1024 * 1024
+    max_send_message: int = _MAX_INT31
+    max_concurrent_streams: int = 2**32 - 1
+    stream_window: int = 1024 * 1024
+    connection_window: int = 16 * 1024 * 1024
+    max_header_list_size: int = 16 * 1024
+    # Outbound bytes queued per stream before its producer is paused.
+    stream_high_watermark: int = 256 * 1024
+
+
+class MessageStream:
+    """One HTTP/2 stream's gRPC messages, with flow control both ways.
+
+    Subclasses implement ``_deliver(message)`` and ``_receive_failed(GRPCError)``.
+    """
+
+    def __init__(self, protocol, stream_id, limits, encoding=None):
+        self.protocol = protocol  # None until a client call is attached to a connection
+        self.stream_id = stream_id
+        self.limits = limits
+        self.decoder = MessageDecoder(limits.max_receive_message, encoding)
+        self._out = []
+        self._out_size = 0
+        self._end = None  # callable that sends what ends our side, after the queue
+        self._producer = None
+        self._producer_paused = False
+        self._receiving_paused = False
+        self._held = []
+        self._unacked = 0
+        self.closed = False
+
+    # -- outbound ---------------------------------------------------------------
+
+    def registerProducer(self, producer, streaming=True):
+        self._producer = producer
+        self._producer_paused = False
+
+    def unregisterProducer(self):
+        self._producer = None
+
+    def queue_message(self, payload):
+        if self.closed:
+            return
+        frame = encode_message(payload)
+        self._out.append(frame)
+        self._out_size += len(frame)
+        if (
+            self._producer is not None
+            and not self._producer_paused
+            and self._out_size > self.limits.stream_high_watermark
+        ):
+            self._producer_paused = True
+            self._producer.pauseProducing()
+        if self.protocol is not None:
+            self.protocol.schedule_flush(self)
+
+    def queue_end(self, send_end):
+        """Runs ``send_end()`` (trailers, END_STREAM) once queued data is sent."""
+        self._end = send_end
+        if self.protocol is not None:
+            self.protocol.schedule_flush(self)
+
+    def flush(self, conn):
+        """Sends what the peer's windows allow; called by the protocol."""
+        if self.closed or self.stream_id is None:
+            return
+        if self._out:
+            window = conn.local_flow_control_window(self.stream_id)
+            if window <= 0:
+                return
+            frame_size = conn.max_outbound_frame_size
+            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            n = min(window, len(data))
+            for start in range(0, n, frame_size):
+                conn.send_data(self.stream_id, data[start : min(n, start + frame_size)])
+            rest = data[n:]
+            self._out = [rest] if rest else []
+            self._out_size = len(rest)
+            if (
+                self._producer_paused
+                and self._out_size <= self.limits.stream_high_watermark // 2
+            ):
+                self._producer_paused = False
+                self._producer.resumeProducing()
+        if not self._out and self._end is not None:
+            send_end, self._end = self._end, None
+            send_end()
+
+    @property
+    def queued_bytes(self):
+        return self._out_size
+
+    # -- inbound ----------------------------------------------------------------
+
+    def pause_receiving(self):
+        self._receiving_paused = True
+
+    def resume_receiving(self):
+        if not self._receiving_paused:
+            return
+        self._receiving_paused = False
+        held, self._held = self._held, []
+        for data, flow_length in held:
+            if self._receiving_paused or self.closed:
+                self._held.append((data, flow_length))
+                continue
+            self._consume(data, flow_length)
+        if self.protocol is not None:
+            self.protocol.schedule_flush(None)
+
+    # IPushProducer, so that the other side of a proxied call can pause us.
+    pauseProducing = pause_receiving
+    resumeProducing = resume_receiving
+
+    def stopProducing(self):
+        pass
+
+    def data_received(self, data, flow_length):
+        if self.closed:
+            return
+        if self._receiving_paused:
+            self._held.append((data, flow_length))
+        else:
+            self._consume(data, flow_length)
+
+    def _consume(self, data, flow_length):
+        try:
+            messages = self.decoder.feed(data)
+        except GRPCError as e:
+            self._receive_failed(e)
+            return
+        self._acknowledge(flow_length)
+        for message in messages:
+            if self.closed:
+                return
+            self._deliver(message)
+
+    def _acknowledge(self, flow_length):
+        self._unacked += flow_length
+        if self._unacked >= self.limits.stream_window // 4:
+            increment, self._unacked = self._unacked, 0
+            try:
+                self.protocol.conn.increment_flow_control_window(increment, self.stream_id)
+            except (StreamClosedError, ProtocolError):
+                pass
+
+    def close(self):
+        self.closed = True
+        self._out = []
+        self._out_size = 0
+        self._held = []
+        self._end = None
+        self._producer = None
+
+
+@implementer(IPushProducer)
+class H2Protocol(Protocol):
+    """Shared HTTP/2 event loop. Subclasses handle the stream events."""
+
+    client_side = None  # set by subclasses
+    _log = Logger()
+
+    def __init__(self, reactor, limits):
+        self.reactor = reactor
+        self.limits = limits
+        self.streams = {}
+        self._to_flush = set()
+        self._flush_all = False
+        self._flush_call = None
+        self._in_receive = False
+        self._transport_paused = False
+        self._conn_unacked = 0
+
+    def connectionMade(self):
+        config = H2Configuration(
+            client_side=self.client_side,
+            header_encoding=None,
+            validate_inbound_headers=not self.client_side,
+            normalize_inbound_headers=not self.client_side,
+        )
+        self.conn = H2Connection(config=config)
+        limits = self.limits
+        self.conn.local_settings = type(self.conn.local_settings)(
+            client=self.client_side,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+                SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
+                SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+                SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        # h2 applies a changed limit to its header decoder only on the peer's ACK of a
+        # SETTINGS change, so set the decoder's limit directly.
+        self.conn.decoder.max_header_list_size = limits.max_header_list_size
+        self.conn.initiate_connection()
+        if limits.connection_window > 65535:
+            self.conn.increment_flow_control_window(limits.connection_window - 65535)
+        self.transport.registerProducer(self, True)
+        self.transport.write(self.conn.data_to_send())
+
+    def dataReceived(self, data):
+        self._in_receive = True
+        try:
+            try:
+                events = self.conn.receive_data(data)
+            except ProtocolError as e:
+                self._log.debug("HTTP/2 protocol error from {peer}: {e}", peer=self.transport.getPeer(), e=e)
+                self._write_out()
+                self.transport.loseConnection()
+                return
+            for event in events:
+                self._dispatch(event)
+        finally:
+            self._in_receive = False
+        self._flush_now()
+
+    def _dispatch(self, event):
+        if isinstance(event, DataReceived):
+            self._conn_unacked += event.flow_controlled_length
+            if self._conn_unacked >= self.limits.connection_window // 4:
+                self.conn.increment_flow_control_window(self._conn_unacked)
+                self._conn_unacked = 0
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.data_received(event.data, event.flow_controlled_length)
+        elif isinstance(event, RequestReceived):
+            self.request_received(event)
+        elif isinstance(event, ResponseReceived):
+            self.response_received(event)
+        elif isinstance(event, TrailersReceived):
+            self.trailers_received(event)
+        elif isinstance(event, StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.end_received()
+        elif isinstance(event, StreamReset):
+            stream = self.streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream.reset_received(event.error_code)
+        elif isinstance(event, WindowUpdated):
+            if event.stream_id:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    self._to_flush.add(stream)
+            else:
+                self._flush_all = True
+        elif isinstance(event, RemoteSettingsChanged):
+            self._flush_all = True
+        elif isinstance(event, ConnectionTerminated):
+            self.goaway_received(event)
+        elif isinstance(event, PingAckReceived):
+            self.ping_acked(event)
+
+    # -- writing ----------------------------------------------------------------
+
+    def schedule_flush(self, stream):
+        if stream is not None:
+            self._to_flush.add(stream)
+        if not self._in_receive and self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self._flush_now)
+
+    def _flush_now(self):
+        if self._flush_call is not None:
+            if self._flush_call.active():
+                self._flush_call.cancel()
+            self._flush_call = None
+        if not self._transport_paused:
+            if self._flush_all:
+                self._flush_all = False
+                streams = list(self.streams.values())
+            else:
+                streams = self._to_flush
+            self._to_flush = set()
+            conn = self.conn
+            for stream in streams:
+                try:
+                    stream.flush(conn)
+                except (StreamClosedError, FlowControlError):
+                    stream.close()
+        self._write_out()
+
+    def _write_out(self):
+        data = self.conn.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    # IPushProducer: the transport's buffer toward the peer is full (or drained).
+    def pauseProducing(self):
+        self._transport_paused = True
+
+    def resumeProducing(self):
+        self._transport_paused = False
+        self._flush_all = True
+        self.schedule_flush(None)
+
+    def stopProducing(self):
+        self._transport_paused = True
+
+    def reset_stream(self, stream_id, error_code=ErrorCodes.CANCEL):
+        self.streams.pop(stream_id, None)
+        try:
+            self.conn.reset_stream(stream_id, error_code)
+        except (StreamClosedError, ProtocolError):
+            pass
+        self.schedule_flush(None)
+
+    def stream_done(self, stream):
+        """Forgets a stream whose both sides are closed."""
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        stream.close()
+
+    def connectionLost(self, reason):
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            stream.connection_lost(reason)
+
+    # Subclass hooks.
+    def request_received(self, event):
+        self.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+
+    def response_received(self, event):
+        self.reset_stream(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+
+    def trailers_received(self, event):
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.trailers_received(event.headers)
+
+    def goaway_received(self, event):
+        pass
+
+    def ping_acked(self, event):
+        pass

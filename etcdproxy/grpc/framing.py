@@ -1,0 +1,86 @@
+"""gRPC length-prefixed message framing: 1 flag byte, 4-byte big-endian length, body."""
+
+import struct
+import zlib
+
+from etcdproxy.grpc.status import GRPCError, StatusCode
+
+_PREFIX = struct.Struct(">BI")
+PREFIX_SIZE = _PREFIX.size
+
+
+def encode_message(payload):
+    return _PREFIX.pack(0, len(payload)) + payload
+
+
+class MessageDecoder:
+    """Splits a byte stream into messages.
+
+    The declared length is checked against ``max_size`` as soon as the 5-byte
+    prefix is in, so an oversize message is refused before its body is buffered.
+    ``encoding`` is the call's grpc-encoding: compressed messages are inflated with
+    the same limit applied to the inflated size.
+    """
+
+    def __init__(self, max_size, encoding=None):
+        self.max_size = max_size
+        self.encoding = encoding
+        self._buffer = bytearray()
+        self._needed = None  # body length of the message being read, or None
+
+    @property
+    def has_partial_message(self):
+        return bool(self._buffer) or self._needed is not None
+
+    def feed(self, data):
+        """Returns the list of complete message bodies; raises GRPCError on bad input."""
+        buf = self._buffer
+        buf += data
+        messages = []
+        while True:
+            if self._needed is None:
+                if len(buf) < PREFIX_SIZE:
+                    break
+                flag, length = _PREFIX.unpack_from(buf)
+                if flag > 1:
+                    raise GRPCError(StatusCode.INTERNAL, f"invalid message flag {flag}")
+                if length > self.max_size:
+                    raise GRPCError(
+                        StatusCode.RESOURCE_EXHAUSTED,
+                        f"grpc: received message larger than max ({length} vs. {self.max_size})",
+                    )
+                self._compressed = flag == 1
+                self._needed = length
+                del buf[:PREFIX_SIZE]
+            if len(buf) < self._needed:
+                break
+            body = bytes(buf[: self._needed])
+            del buf[: self._needed]
+            self._needed = None
+            if self._compressed:
+                body = self._decompress(body)
+            messages.append(body)
+        return messages
+
+    def _decompress(self, body):
+        if self.encoding in (None, "identity"):
+            raise GRPCError(
+                StatusCode.INTERNAL,
+                "grpc: compressed flag set with identity or empty encoding",
+            )
+        if self.encoding == "deflate":
+            inflater = zlib.decompressobj()
+        elif self.encoding == "gzip":
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        else:
+            raise GRPCError(StatusCode.UNIMPLEMENTED, f"grpc: Decompressor is not installed for grpc-encoding \"{self.encoding}\"")
+        try:
+            out = inflater.decompress(body, self.max_size + 1)
+        except zlib.error as e:
+            raise GRPCError(StatusCode.INTERNAL, f"grpc: failed to decompress the received message: {e}")
+        if len(out) > self.max_size:
+            raise GRPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"grpc: received message after decompression larger than max ({self.max_size})",
+            )
+        return out

@@ -1,0 +1,297 @@
+"""The server side of gRPC over HTTP/2: accepts calls and hands them to handlers.
+
+A router maps a method path to a new `ICallHandler`, which sees every call kind
+(unary, client-, server-, bidi-streaming) the same way: messages in, messages
+out, then a status.
+"""
+
+from hyperframe.frame import GoAwayFrame
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from zope.interface import Interface
+
+from h2.errors import ErrorCodes
+
+from etcdproxy.grpc.connection import H2Protocol, Limits, MessageStream
+from etcdproxy.grpc.metadata import application_metadata, parse_timeout
+from etcdproxy.grpc.status import GRPCError, StatusCode, encode_grpc_message
+
+_CONTENT_TYPE = (b"content-type", b"application/grpc")
+_STATUS_200 = (b":status", b"200")
+_GRPC_STATUS = [b"%d" % code for code in range(17)]
+
+
+class ICallHandler(Interface):
+    """What a router returns for each incoming call."""
+
+    def call_started(call):
+        """The request headers are in; ``call`` is the `ServerCall`."""
+
+    def request_received(message):
+        """One request message (bytes, decompressed)."""
+
+    def half_closed():
+        """The client will send no more messages."""
+
+    def call_cancelled(error):
+        """The call ended without the handler finishing it: client cancel or
+        reset, deadline, connection loss, or bad input (a `GRPCError`)."""
+
+
+class ServerCall(MessageStream):
+    """One incoming call, as its handler sees it."""
+
+    def __init__(self, protocol, stream_id, method, metadata, deadline, encoding):
+        super().__init__(protocol, stream_id, protocol.limits, encoding)
+        self.method = method
+        self.metadata = metadata
+        self.deadline = deadline
+        self.handler = None
+        self._headers_sent = False
+        self._finished = False
+        self._remote_closed = False
+        self._ended = False
+        self._timer = None
+
+    @property
+    def peer(self):
+        return self.protocol.transport.getPeer()
+
+    def time_remaining(self):
+        """Seconds left before the client's deadline, or None."""
+        if self.deadline is None:
+            return None
+        return self.deadline - self.protocol.reactor.seconds()
+
+    def start(self, handler):
+        self.handler = handler
+        remaining = self.time_remaining()
+        if remaining is not None:
+            self._timer = self.protocol.reactor.callLater(max(0, remaining), self._deadline_expired)
+        handler.call_started(self)
+
+    # -- handler API ------------------------------------------------------------
+
+    def send_headers(self, metadata=()):
+        if self._headers_sent or self._finished or self.closed:
+            return
+        self._headers_sent = True
+        self.protocol.conn.send_headers(self.stream_id, [_STATUS_200, _CONTENT_TYPE, *metadata])
+        self.protocol.schedule_flush(None)
+
+    def send_message(self, payload):
+        if self._finished or self.closed:
+            return
+        limit = self.protocol.limits.max_send_message
+        if len(payload) > limit:
+            self._ended_by_us(GRPCError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"grpc: trying to send message larger than max ({len(payload)} vs. {limit})",
+            ))
+            return
+        if not self._headers_sent:
+            self.send_headers()
+        self.queue_message(payload)
+
+    def finish(self, code=StatusCode.OK, message="", metadata=()):
+        """Ends the call with a status, after the queued messages."""
+        if self._finished or self.closed:
+            return
+        self._finished = True
+        self._ended = True
+        self._cancel_timer()
+        trailers = [(b"grpc-status", _GRPC_STATUS[code] if 0 <= code <= 16 else b"%d" % code)]
+        if message:
+            trailers.append((b"grpc-message", encode_grpc_message(message)))
+        trailers.extend(metadata)
+        if not self._headers_sent:
+            # Trailers-Only: one HEADERS frame; gRPC clients need content-type here too.
+            self._headers_sent = True
+            trailers[:0] = [_STATUS_200, _CONTENT_TYPE]
+        self.queue_end(lambda: self._send_trailers(trailers))
+
+    def _send_trailers(self, trailers):
+        self.protocol.conn.send_headers(self.stream_id, trailers, end_stream=True)
+        if self._remote_closed:
+            self.protocol.stream_done(self)
+        else:
+            # The client may still be sending; tell it to stop (gRPC spec).
+            self.protocol.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
+            self.close()
+
+    def _end_abruptly(self, error):
+        """The stream is gone (reset, connection lost): only the handler is told."""
+        self._cancel_timer()
+        self.close()
+        if not self._ended:
+            self._ended = True
+            self.handler.call_cancelled(error)
+
+    def _cancel_timer(self):
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    # -- stream events ----------------------------------------------------------
+
+    def _deliver(self, message):
+        self.handler.request_received(message)
+
+    def _receive_failed(self, error):
+        self._ended_by_us(error)
+
+    def _ended_by_us(self, error):
+        """Ends the call on the proxy's initiative (bad input, deadline)."""
+        if self._ended:
+            return
+        self._ended = True
+        self.finish(error.code, error.message)
+        self.handler.call_cancelled(error)
+
+    def end_received(self):
+        self._remote_closed = True
+        if self._ended:
+            return  # the trailers, when sent, see _remote_closed
+        if self.decoder.has_partial_message:
+            self._ended_by_us(GRPCError(StatusCode.INTERNAL, "grpc: truncated message at end of stream"))
+            return
+        self.handler.half_closed()
+
+    def reset_received(self, error_code):
+        self._end_abruptly(GRPCError(StatusCode.CANCELLED, "call cancelled by the client"))
+
+    def connection_lost(self, reason):
+        self._end_abruptly(GRPCError(StatusCode.CANCELLED, "client connection lost"))
+
+    def _deadline_expired(self):
+        self._timer = None
+        self._ended_by_us(GRPCError(StatusCode.DEADLINE_EXCEEDED, "context deadline exceeded"))
+
+
+class GRPCServerProtocol(H2Protocol):
+    client_side = False
+    _log = Logger()
+
+    def __init__(self, factory):
+        super().__init__(factory.reactor, factory.limits)
+        self.factory = factory
+        self._last_stream_id = None  # set once a GOAWAY was sent
+        self._closed = defer.Deferred()
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.factory.connections.add(self)
+
+    def connectionLost(self, reason):
+        super().connectionLost(reason)
+        self.factory.connections.discard(self)
+        self._closed.callback(None)
+
+    def request_received(self, event):
+        sid = event.stream_id
+        if self._last_stream_id is not None and sid > self._last_stream_id:
+            self.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        headers = dict(event.headers)
+        if headers.get(b":method") != b"POST":
+            self._refuse(sid, b"405", "invalid gRPC request method")
+            return
+        content_type = headers.get(b"content-type", b"")
+        if not (content_type == b"application/grpc" or content_type.startswith((b"application/grpc+", b"application/grpc;"))):
+            self._refuse(sid, b"415", "invalid gRPC request content-type")
+            return
+        path = headers.get(b":path", b"")
+        try:
+            deadline = None
+            timeout = headers.get(b"grpc-timeout")
+            if timeout is not None:
+                try:
+                    deadline = self.reactor.seconds() + parse_timeout(timeout)
+                except ValueError:
+                    raise GRPCError(StatusCode.INTERNAL, f"malformed grpc-timeout {timeout!r}")
+            encoding = headers.get(b"grpc-encoding")
+            if encoding is not None:
+                encoding = encoding.decode("ascii", "replace")
+                if encoding not in ("identity", "gzip", "deflate"):
+                    raise GRPCError(StatusCode.UNIMPLEMENTED, f"grpc: Decompressor is not installed for grpc-encoding \"{encoding}\"")
+            handler = self.factory.router(path)
+        except GRPCError as e:
+            self._trailers_only(sid, e.code, e.message)
+            return
+        call = ServerCall(self, sid, path, application_metadata(event.headers), deadline, encoding)
+        self.streams[sid] = call
+        call.start(handler)
+
+    def _trailers_only(self, stream_id, code, message, http_status=b"200"):
+        headers = [(b":status", http_status), _CONTENT_TYPE, (b"grpc-status", b"%d" % code)]
+        if message:
+            headers.append((b"grpc-message", encode_grpc_message(message)))
+        self.conn.send_headers(stream_id, headers, end_stream=True)
+        # The request side may still be open; RST(NO_ERROR) releases it.
+        stream = self.conn.streams.get(stream_id)
+        if stream is not None and not stream.closed:
+            self.reset_stream(stream_id, ErrorCodes.NO_ERROR)
+
+    def _refuse(self, stream_id, http_status, message):
+        self._trailers_only(stream_id, StatusCode.INTERNAL, message, http_status)
+
+    def drain(self):
+        """Graceful shutdown: GOAWAY, let open calls finish, then close.
+
+        Returns a Deferred that fires when the connection is closed.
+        """
+        if self._last_stream_id is None:
+            self._last_stream_id = self.conn.highest_inbound_stream_id
+            self._write_out()
+            # h2 refuses to send anything after its own close_connection(), so the
+            # GOAWAY is framed here and the calls in flight can still finish.
+            frame = GoAwayFrame(0)
+            frame.last_stream_id = self._last_stream_id
+            frame.error_code = ErrorCodes.NO_ERROR
+            self.transport.write(frame.serialize())
+            self._close_when_idle()
+        return self._closed
+
+    def stream_done(self, stream):
+        super().stream_done(stream)
+        if self._last_stream_id is not None:
+            self._close_when_idle()
+
+    def _close_when_idle(self):
+        if not self.streams:
+            self.transport.loseConnection()
+
+    def abort(self):
+        self.transport.abortConnection()
+
+
+class GRPCServerFactory(Factory):
+    """Builds server connections; ``router(path)`` returns an `ICallHandler`
+    or raises `GRPCError` (UNIMPLEMENTED) for an unknown method."""
+
+    def __init__(self, router, reactor, limits=Limits()):
+        self.router = router
+        self.reactor = reactor
+        self.limits = limits
+        self.connections = set()
+
+    def buildProtocol(self, addr):
+        return GRPCServerProtocol(self)
+
+    def drain(self, timeout):
+        """GOAWAY to every connection; aborts those still open after ``timeout``."""
+        closed = [c.drain() for c in list(self.connections)]
+        timer = self.reactor.callLater(timeout, self._abort_all)
+        d = defer.DeferredList(closed)
+
+        def done(_):
+            if timer.active():
+                timer.cancel()
+
+        return d.addBoth(done)
+
+    def _abort_all(self):
+        for connection in list(self.connections):
+            connection.abort()

@@ -1,0 +1,1 @@
+"""Protobuf modules generated from protos/ by scripts/generate-protos. Never edit by hand."""

@@ -1,0 +1,1 @@
+"""The etcd v3 services as clients see them, one module per concern."""

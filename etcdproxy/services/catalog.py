@@ -1,0 +1,31 @@
+"""Every method of the etcd v3 API that the proxy serves, read from the protos."""
+
+from etcdproxy.grpc.status import GRPCError, StatusCode
+from etcdproxy.pb.etcdserverpb import rpc_pb2
+from etcdproxy.pb.v3electionpb import v3election_pb2
+from etcdproxy.pb.v3lockpb import v3lock_pb2
+
+_FILES = (rpc_pb2, v3election_pb2, v3lock_pb2)
+
+# {b"etcdserverpb.KV": {b"Range", b"Put", ...}, ...}
+SERVICES = {
+    service.full_name.encode(): frozenset(m.name.encode() for m in service.methods)
+    for module in _FILES
+    for service in module.DESCRIPTOR.services_by_name.values()
+}
+
+METHOD_PATHS = frozenset(
+    b"/%s/%s" % (service, method) for service, methods in SERVICES.items() for method in methods
+)
+
+
+def unknown_method_error(path):
+    """The UNIMPLEMENTED error etcd (grpc-go) gives for a path it does not serve."""
+    service, _, method = path.lstrip(b"/").partition(b"/")
+    service_name = service.decode("utf-8", "replace")
+    if service not in SERVICES or not method:
+        return GRPCError(StatusCode.UNIMPLEMENTED, f"unknown service {service_name}")
+    return GRPCError(
+        StatusCode.UNIMPLEMENTED,
+        f"unknown method {method.decode('utf-8', 'replace')} for service {service_name}",
+    )

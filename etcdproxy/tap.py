@@ -1,0 +1,92 @@
+"""twistd plugin body: the command-line options and the service tree."""
+
+import math
+
+from twisted.application import service
+from twisted.python import usage
+
+from etcdproxy.upstream.endpoints import parse_endpoints
+
+
+def _listen_description(address):
+    """'127.0.0.1:23790' or '[::1]:23790' -> a server endpoint description."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise usage.UsageError(f"--listen-addr {address!r}: expected host:port")
+    host = host.strip("[]")
+    if not host:
+        return f"tcp:{port}"
+    return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
+
+
+def _positive_int(name):
+    def parse(value):
+        number = int(value)
+        if number <= 0:
+            raise ValueError(f"{name} must be positive")
+        return number
+
+    return parse
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "An etcd v3 gRPC proxy. Flags follow `etcd grpc-proxy start`. "
+        "etcd clients connect to --listen-addr exactly as to etcd."
+    )
+    optParameters = [
+        ["endpoints", None, "127.0.0.1:2379",
+         "comma-separated etcd endpoints, host:port or http://host:port"],
+        ["listen-addr", None, "127.0.0.1:23790", "address (host:port) to serve clients on"],
+        ["max-recv-bytes", None, 4 * 1024 * 1024,
+         "largest request message accepted from a client, in bytes (requests "
+         "larger than etcd's own limit still reach etcd and get etcd's answer)",
+         _positive_int("max-recv-bytes")],
+        ["max-send-bytes", None, math.floor(2**31 - 1),
+         "largest response message sent to a client, in bytes",
+         _positive_int("max-send-bytes")],
+        ["max-concurrent-streams", None, 2**32 - 1,
+         "maximum concurrent streams that each client connection can open",
+         _positive_int("max-concurrent-streams")],
+        ["drain-timeout", None, 10.0,
+         "seconds that calls in flight may take to finish on shutdown", float],
+    ]
+    optFlags = [["debug", None, "enable debug-level logging"]]
+
+    def postOptions(self):
+        try:
+            self["endpoints"] = parse_endpoints(self["endpoints"])
+        except ValueError as e:
+            raise usage.UsageError(f"--endpoints: {e}")
+        if any(e.tls for e in self["endpoints"]):
+            raise usage.UsageError("--endpoints: https:// endpoints (TLS toward etcd) are not implemented yet")
+        self["listen-description"] = _listen_description(self["listen-addr"])
+
+
+def makeService(options):
+    # The reactor is imported here, not at module level: twistd installs it first.
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from etcdproxy.proxy import ProxyRouter
+    from etcdproxy.grpc.connection import Limits
+    from etcdproxy.grpc.server import GRPCServerFactory
+    from etcdproxy.grpc.service import GRPCServerService
+    from etcdproxy.upstream.client import UpstreamClient
+
+    top = service.MultiService()
+    upstream = UpstreamClient(reactor, options["endpoints"], max_receive_message=2**31 - 1)
+    upstream.setServiceParent(top)
+    limits = Limits(
+        max_receive_message=options["max-recv-bytes"],
+        max_send_message=options["max-send-bytes"],
+        max_concurrent_streams=options["max-concurrent-streams"],
+    )
+    factory = GRPCServerFactory(ProxyRouter(upstream), reactor, limits)
+    server = GRPCServerService(
+        serverFromString(reactor, options["listen-description"]), factory, options["drain-timeout"]
+    )
+    server.setName("grpc-server")
+    server.setServiceParent(top)
+    return top
