@@ -11,6 +11,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 
 import etcdproxy
@@ -223,20 +224,24 @@ class GRPCClientProtocol(H2Protocol):
             call.headers_received(event.headers)
 
     def goaway_received(self, event):
-        # Calls above last_stream_id were never seen by the server: safe to retry.
+        # h2 treats any GOAWAY as the end of the connection and would refuse the
+        # rest of the calls the server still finishes (those up to last_stream_id).
+        # Put its state machine back to open; `draining` keeps new calls off.
+        self.conn.state_machine.state = ConnectionState.CLIENT_OPEN
         self.draining = True
+        # Calls above last_stream_id were never seen by the server: safe to retry.
         self.channel.protocol_gone(self)
         for sid, call in list(self.streams.items()):
             if sid > event.last_stream_id:
                 del self.streams[sid]
                 call.refused(f"upstream sent GOAWAY ({event.error_code!r})")
         if not self.streams:
-            self.transport.loseConnection()
+            self.close_after_writing()
 
     def stream_done(self, stream):
         super().stream_done(stream)
         if self.draining and not self.streams:
-            self.transport.loseConnection()
+            self.close_after_writing()
 
     # Keepalive: etcd answers pings faster than every 5 s, or sent while no
     # stream is open, with GOAWAY "too_many_pings"; ping only while calls run.

@@ -345,6 +345,10 @@ class H2Protocol(Protocol):
     def stopProducing(self):
         self._transport_paused = True
 
+    def close_after_writing(self):
+        self._write_out()
+        self.transport.loseConnection()
+
     def reset_stream(self, stream_id, error_code=ErrorCodes.CANCEL):
         self.streams.pop(stream_id, None)
         try:

@@ -1,5 +1,6 @@
 """Request/response metadata: which headers are gRPC's own, and grpc-timeout."""
 
+import math
 import re
 
 # Headers that belong to the transport or to gRPC itself and are never relayed

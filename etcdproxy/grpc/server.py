@@ -261,7 +261,7 @@ class GRPCServerProtocol(H2Protocol):
 
     def _close_when_idle(self):
         if not self.streams:
-            self.transport.loseConnection()
+            self.close_after_writing()
 
     def abort(self):
         self.transport.abortConnection()

@@ -1,0 +1,397 @@
+"""The gRPC layer on its own (no etcd): a toy service served in-process by
+etcdproxy.grpc.server, called through grpcio (in a thread) and through
+etcdproxy.grpc.client."""
+
+import gzip
+import threading
+
+import grpc
+from twisted.internet import defer, reactor, task, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from etcdproxy.grpc.client import Channel, IClientCallListener
+from etcdproxy.grpc.connection import Limits
+from etcdproxy.grpc.framing import MessageDecoder, encode_message
+from etcdproxy.grpc.metadata import format_timeout, parse_timeout
+from etcdproxy.grpc.server import GRPCServerFactory, ICallHandler
+from etcdproxy.grpc.status import GRPCError, StatusCode, decode_grpc_message, encode_grpc_message
+
+
+@implementer(ICallHandler)
+class ToyHandler:
+    """Unary, server-, client- and bidi-streaming behaviours chosen by method name."""
+
+    def __init__(self, service, kind):
+        self.service = service
+        self.kind = kind
+        self.received = []
+        self.cancelled = None
+        service.handlers.append(self)
+
+    def call_started(self, call):
+        self.call = call
+        self.metadata = call.metadata
+        if self.kind == b"Big":
+            self.call.registerProducer(self)
+            self.paused = 0
+            self.sent = 0
+            self._produce()
+
+    def request_received(self, message):
+        self.received.append(message)
+        if self.kind == b"Bidi":
+            self.call.send_message(message.upper())
+
+    def half_closed(self):
+        call = self.call
+        if self.kind == b"Unary":
+            call.send_headers([(b"x-echo", dict(self.metadata).get(b"x-custom", b"-"))])
+            call.send_message(self.received[0][::-1])
+            call.finish()
+        elif self.kind == b"ServerStream":
+            for i in range(int(self.received[0])):
+                call.send_message(b"%d" % i)
+            call.finish()
+        elif self.kind == b"ClientStream":
+            call.send_message(b"|".join(self.received))
+            call.finish()
+        elif self.kind == b"Bidi":
+            call.finish()
+        elif self.kind == b"Fail":
+            call.finish(StatusCode.NOT_FOUND, "nope: 100% \u2713\n", [(b"x-trailer", b"t1")])
+        elif self.kind == b"Slow":
+            reactor.callLater(0.3, lambda: (call.send_message(b"slow"), call.finish()))
+        # Hang: never answers.
+
+    # Big: streams 64 KiB messages while the client reads; IPushProducer.
+    def _produce(self):
+        while not self.paused and self.sent < 200:
+            self.sent += 1
+            self.call.send_message(b"x" * 65536)
+        if self.sent >= 200:
+            self.call.unregisterProducer()
+            self.call.finish()
+
+    def pauseProducing(self):
+        self.paused += 1
+        self.service.max_queued = max(self.service.max_queued, self.call.queued_bytes)
+
+    def resumeProducing(self):
+        self.paused = 0
+        reactor.callLater(0, self._produce)
+
+    def stopProducing(self):
+        pass
+
+    def call_cancelled(self, error):
+        self.cancelled = error
+        self.service.cancelled.append(error)
+
+
+class ToyService:
+    def __init__(self):
+        self.handlers = []
+        self.cancelled = []
+        self.max_queued = 0
+
+    def __call__(self, path):
+        service, _, method = path.lstrip(b"/").partition(b"/")
+        if service != b"test.Toy":
+            raise GRPCError(StatusCode.UNIMPLEMENTED, f"unknown service {service.decode()}")
+        return ToyHandler(self, method)
+
+
+class ServerTestMixin:
+    limits = Limits()
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.service = ToyService()
+        self.factory = GRPCServerFactory(self.service, reactor, self.limits)
+        self.port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.factory)
+        self.address = f"127.0.0.1:{self.port.getHost().port}"
+
+    @defer.inlineCallbacks
+    def tearDown(self):
+        yield self.port.stopListening()
+        for c in list(self.factory.connections):
+            c.abort()
+        yield task.deferLater(reactor, 0.05, lambda: None)
+
+    def grpcio(self, fn):
+        """Runs fn(channel) in a thread with a fresh grpcio channel."""
+
+        def run():
+            with grpc.insecure_channel(self.address) as channel:
+                return fn(channel)
+
+        return threads.deferToThread(run)
+
+
+def _identity(b):
+    return b
+
+
+def _call(channel, kind, path):
+    return getattr(channel, kind)(path, request_serializer=_identity, response_deserializer=_identity)
+
+
+class GrpcioClientTests(ServerTestMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_unary_with_metadata(self):
+        def run(ch):
+            response, call = _call(ch, "unary_unary", "/test.Toy/Unary").with_call(
+                b"hello", metadata=[("x-custom", "v1")], timeout=5
+            )
+            return response, dict(call.initial_metadata()), call.code()
+
+        response, headers, code = yield self.grpcio(run)
+        self.assertEqual(response, b"olleh")
+        self.assertEqual(headers["x-echo"], "v1")
+        self.assertEqual(code, grpc.StatusCode.OK)
+
+    @defer.inlineCallbacks
+    def test_server_streaming(self):
+        out = yield self.grpcio(lambda ch: list(_call(ch, "unary_stream", "/test.Toy/ServerStream")(b"5", timeout=5)))
+        self.assertEqual(out, [b"0", b"1", b"2", b"3", b"4"])
+
+    @defer.inlineCallbacks
+    def test_client_streaming_gzip(self):
+        def run(ch):
+            return _call(ch, "stream_unary", "/test.Toy/ClientStream")(
+                iter([b"a", b"b" * 1000, b"c"]), timeout=5, compression=grpc.Compression.Gzip
+            )
+
+        out = yield self.grpcio(run)
+        self.assertEqual(out, b"a|" + b"b" * 1000 + b"|c")
+
+    @defer.inlineCallbacks
+    def test_bidi_streaming(self):
+        out = yield self.grpcio(lambda ch: list(_call(ch, "stream_stream", "/test.Toy/Bidi")(iter([b"x", b"y", b"z"]), timeout=5)))
+        self.assertEqual(out, [b"X", b"Y", b"Z"])
+
+    @defer.inlineCallbacks
+    def test_error_status_message_and_trailers(self):
+        def run(ch):
+            try:
+                _call(ch, "unary_unary", "/test.Toy/Fail")(b"", timeout=5)
+            except grpc.RpcError as e:
+                return e.code(), e.details(), dict(e.trailing_metadata())
+            return None
+
+        code, details, trailers = yield self.grpcio(run)
+        self.assertEqual(code, grpc.StatusCode.NOT_FOUND)
+        self.assertEqual(details, "nope: 100% \u2713\n")
+        self.assertEqual(trailers["x-trailer"], "t1")
+
+    @defer.inlineCallbacks
+    def test_unknown_service(self):
+        def run(ch):
+            try:
+                _call(ch, "unary_unary", "/other.Svc/M")(b"", timeout=5)
+            except grpc.RpcError as e:
+                return e.code(), e.details()
+
+        code, details = yield self.grpcio(run)
+        self.assertEqual(code, grpc.StatusCode.UNIMPLEMENTED)
+        self.assertEqual(details, "unknown service other.Svc")
+
+    @defer.inlineCallbacks
+    def test_deadline_cancels_handler(self):
+        def run(ch):
+            try:
+                _call(ch, "unary_unary", "/test.Toy/Hang")(b"", timeout=0.3)
+            except grpc.RpcError as e:
+                return e.code()
+
+        code = yield self.grpcio(run)
+        self.assertEqual(code, grpc.StatusCode.DEADLINE_EXCEEDED)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(len(self.service.cancelled), 1)
+        self.assertIn(self.service.cancelled[0].code, (StatusCode.DEADLINE_EXCEEDED, StatusCode.CANCELLED))
+
+    @defer.inlineCallbacks
+    def test_client_cancel_reaches_handler(self):
+        def run(ch):
+            future = _call(ch, "unary_unary", "/test.Toy/Hang").future(b"", timeout=10)
+            threading.Event().wait(0.3)
+            future.cancel()
+            return future.cancelled()
+
+        cancelled = yield self.grpcio(run)
+        self.assertTrue(cancelled)
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual([e.code for e in self.service.cancelled], [StatusCode.CANCELLED])
+
+
+class SmallLimitTests(ServerTestMixin, unittest.TestCase):
+    limits = Limits(max_receive_message=1024)
+
+    @defer.inlineCallbacks
+    def test_oversize_message_refused_connection_usable(self):
+        def run(ch):
+            unary = _call
+            try:
+                unary(ch, "unary_unary", "/test.Toy/Unary")(b"x" * 2000, timeout=5)
+            except grpc.RpcError as e:
+                first = e.code(), e.details()
+            second = unary(ch, "unary_unary", "/test.Toy/Unary")(b"ab", timeout=5)
+            return first, second
+
+        (code, details), second = yield self.grpcio(run)
+        self.assertEqual(code, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertIn("larger than max (2000 vs. 1024)", details)
+        self.assertEqual(second, b"ba")
+
+
+@implementer(IClientCallListener)
+class Collector:
+    def __init__(self):
+        self.headers = None
+        self.messages = []
+        self.done = defer.Deferred()
+        self.received_bytes = 0
+
+    def headers_received(self, metadata):
+        self.headers = metadata
+
+    def response_received(self, message):
+        self.messages.append(message)
+        self.received_bytes += len(message)
+
+    def call_finished(self, error, metadata):
+        self.done.callback((error, metadata))
+
+
+class ChannelTests(ServerTestMixin, unittest.TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self.channel = Channel(
+            reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", self.port.getHost().port),
+            self.address.encode(), Limits(stream_window=65536),
+        )
+        self.addCleanup(self.channel.close)
+
+    @defer.inlineCallbacks
+    def test_unary_call(self):
+        out = yield self.channel.unary_call(b"/test.Toy/Unary", b"abc", [(b"x-custom", b"z")], timeout=5)
+        self.assertEqual(out, b"cba")
+        self.assertEqual(dict(self.service.handlers[0].metadata)[b"x-custom"], b"z")
+
+    @defer.inlineCallbacks
+    def test_unary_error(self):
+        error = yield self.assertFailure(self.channel.unary_call(b"/test.Toy/Fail", b"", timeout=5), GRPCError)
+        self.assertEqual(error.code, StatusCode.NOT_FOUND)
+        self.assertEqual(error.message, "nope: 100% \u2713\n")
+        self.assertEqual(dict(error.metadata)[b"x-trailer"], b"t1")
+
+    @defer.inlineCallbacks
+    def test_timeout(self):
+        error = yield self.assertFailure(self.channel.unary_call(b"/test.Toy/Hang", b"", timeout=0.2), GRPCError)
+        self.assertEqual(error.code, StatusCode.DEADLINE_EXCEEDED)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(len(self.service.cancelled), 1)
+
+    @defer.inlineCallbacks
+    def test_all_streaming_kinds(self):
+        for path, requests, expected in [
+            (b"/test.Toy/ServerStream", [b"3"], [b"0", b"1", b"2"]),
+            (b"/test.Toy/ClientStream", [b"a", b"b"], [b"a|b"]),
+            (b"/test.Toy/Bidi", [b"a", b"b"], [b"A", b"B"]),
+        ]:
+            listener = Collector()
+            call = self.channel.start_call(path, [], listener, timeout=5)
+            for r in requests:
+                call.send_message(r)
+            call.end()
+            error, _ = yield listener.done
+            self.assertIsNone(error)
+            self.assertEqual(listener.messages, expected)
+
+    @defer.inlineCallbacks
+    def test_stalled_stream_is_bounded_and_does_not_block_others(self):
+        """A reader that stops reading holds the sender back (bounded queue),
+        and other calls on the same connection still complete."""
+        slow = Collector()
+        call = self.channel.start_call(b"/test.Toy/Big", [], slow, timeout=20)
+        call.end()
+        call.pause_receiving()
+        yield task.deferLater(reactor, 0.5, lambda: None)
+        handler = self.service.handlers[0]
+        self.assertGreater(handler.paused, 0, "producer was never paused")
+        stalled_at = handler.sent
+        self.assertLess(stalled_at, 200)
+        # Bounded: the server queue stays near its watermark.
+        self.assertLessEqual(self.service.max_queued, Limits().stream_high_watermark + 65536 + 5)
+        # Another call on the same connection is not stalled.
+        out = yield self.channel.unary_call(b"/test.Toy/Unary", b"ok", timeout=5)
+        self.assertEqual(out, b"ko")
+        call.resume_receiving()
+        error, _ = yield slow.done
+        self.assertIsNone(error)
+        self.assertEqual(slow.received_bytes, 200 * 65536)
+
+    @defer.inlineCallbacks
+    def test_graceful_drain_lets_calls_finish(self):
+        listener = Collector()
+        call = self.channel.start_call(b"/test.Toy/Slow", [], listener, timeout=5)
+        call.send_message(b"")
+        call.end()
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        drained = self.factory.drain(5)
+        error, _ = yield listener.done
+        self.assertIsNone(error)
+        self.assertEqual(listener.messages, [b"slow"])
+        yield drained
+        self.assertEqual(self.factory.connections, set())
+
+    @defer.inlineCallbacks
+    def test_connect_failure_is_unavailable(self):
+        channel = Channel(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", 1), b"x")
+        error = yield self.assertFailure(channel.unary_call(b"/test.Toy/Unary", b"", timeout=5), GRPCError)
+        self.assertEqual(error.code, StatusCode.UNAVAILABLE)
+
+
+class PureLogicTests(unittest.TestCase):
+    def test_grpc_message_round_trip(self):
+        for text in ["plain", "100%", "\u00e9t\u00e9 \u2713", "new\nline", ""]:
+            self.assertEqual(decode_grpc_message(encode_grpc_message(text)), text)
+        self.assertEqual(encode_grpc_message("a%b"), b"a%25b")
+
+    def test_grpc_message_bad_escapes_never_fail(self):
+        self.assertEqual(decode_grpc_message(b"bad %zz %"), "bad %zz %")
+        self.assertEqual(decode_grpc_message(b"%ff"), "\ufffd")
+
+    def test_timeout(self):
+        self.assertAlmostEqual(parse_timeout(b"2998177u"), 2.998177)
+        self.assertEqual(parse_timeout(b"1H"), 3600)
+        for bad in [b"", b"123456789S", b"1x", b"-1S", b"S"]:
+            self.assertRaises(ValueError, parse_timeout, bad)
+        for seconds in [0.0001, 1.5, 3600 * 24 * 365]:
+            self.assertGreaterEqual(parse_timeout(format_timeout(seconds)), seconds * 0.999999)
+            self.assertLessEqual(len(format_timeout(seconds)), 9)
+
+    def test_decoder_split_and_limit(self):
+        decoder = MessageDecoder(max_size=10)
+        data = encode_message(b"hello") + encode_message(b"") + encode_message(b"world!")
+        out = []
+        for i in range(len(data)):
+            out += decoder.feed(data[i : i + 1])
+        self.assertEqual(out, [b"hello", b"", b"world!"])
+        self.assertFalse(decoder.has_partial_message)
+        # The prefix alone is enough to refuse: no body is needed.
+        e = self.assertRaises(GRPCError, MessageDecoder(max_size=10).feed, b"\x00\x00\x00\x00\x0b")
+        self.assertEqual(e.code, StatusCode.RESOURCE_EXHAUSTED)
+
+    def test_decoder_gzip(self):
+        body = gzip.compress(b"a" * 100)
+        framed = b"\x01" + len(body).to_bytes(4, "big") + body
+        self.assertEqual(MessageDecoder(1000, "gzip").feed(framed), [b"a" * 100])
+        # Decompression bombs are bounded by the same limit.
+        e = self.assertRaises(GRPCError, MessageDecoder(50, "gzip").feed, framed)
+        self.assertEqual(e.code, StatusCode.RESOURCE_EXHAUSTED)
+        e = self.assertRaises(GRPCError, MessageDecoder(1000).feed, framed)
+        self.assertEqual(e.code, StatusCode.INTERNAL)
