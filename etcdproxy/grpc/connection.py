@@ -202,6 +202,19 @@ class MessageStream:
         self._producer = None
 
 
+def _pending_frame_length(conn):
+    """The declared length of the incomplete frame h2 holds, or 0.
+
+    Complete frames have been consumed, so the buffer starts with a frame header
+    (h2 4.1 names the buffer ``data``, 4.3+ ``_data``).
+    """
+    buffer = conn.incoming_buffer
+    pending = getattr(buffer, "_data", None) or getattr(buffer, "data", b"")
+    if len(pending) < 9:
+        return 0
+    return int.from_bytes(pending[:3], "big")
+
+
 @implementer(IPushProducer)
 class H2Protocol(Protocol):
     """Shared HTTP/2 event loop. Subclasses handle the stream events."""
@@ -259,6 +272,12 @@ class H2Protocol(Protocol):
                 return
             for event in events:
                 self._dispatch(event)
+            # h2 checks a frame's declared length only once the whole frame is in,
+            # so a peer could make it buffer 16 MiB: check the pending header now.
+            if _pending_frame_length(self.conn) > self.conn.max_inbound_frame_size:
+                self.conn.close_connection(ErrorCodes.FRAME_SIZE_ERROR, b"frame too large")
+                self.close_after_writing()
+                return
         finally:
             self._in_receive = False
         self._flush_now()

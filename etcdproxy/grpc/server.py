@@ -155,7 +155,8 @@ class ServerCall(MessageStream):
         if self._ended:
             return  # the trailers, when sent, see _remote_closed
         if self.decoder.has_partial_message:
-            self._ended_by_us(GRPCError(StatusCode.INTERNAL, "grpc: truncated message at end of stream"))
+            # What etcd (grpc-go) answers for a stream that ends inside a message.
+            self._ended_by_us(GRPCError(StatusCode.UNKNOWN, "unexpected EOF"))
             return
         self.handler.half_closed()
 
