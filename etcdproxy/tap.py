@@ -49,6 +49,11 @@ class Options(usage.Options):
         ["max-concurrent-streams", None, 2**32 - 1,
          "maximum concurrent streams that each client connection can open",
          _positive_int("max-concurrent-streams")],
+        ["upstream-keepalive-interval", None, 10.0,
+         "seconds between keepalive pings to etcd while calls are open (at least 5: "
+         "etcd answers faster pings with GOAWAY too_many_pings)", float],
+        ["upstream-keepalive-timeout", None, 10.0,
+         "seconds without a ping answer after which an etcd connection is dropped", float],
         ["drain-timeout", None, 10.0,
          "seconds that calls in flight may take to finish on shutdown", float],
     ]
@@ -61,6 +66,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"--endpoints: {e}")
         if any(e.tls for e in self["endpoints"]):
             raise usage.UsageError("--endpoints: https:// endpoints (TLS toward etcd) are not implemented yet")
+        if self["upstream-keepalive-interval"] < 5:
+            raise usage.UsageError("--upstream-keepalive-interval must be at least 5 (etcd's minimum)")
+        if self["upstream-keepalive-timeout"] <= 0:
+            raise usage.UsageError("--upstream-keepalive-timeout must be positive")
         self["listen-description"] = _listen_description(self["listen-addr"])
 
 
@@ -76,7 +85,13 @@ def makeService(options):
     from etcdproxy.upstream.client import UpstreamClient
 
     top = service.MultiService()
-    upstream = UpstreamClient(reactor, options["endpoints"], max_receive_message=2**31 - 1)
+    upstream = UpstreamClient(
+        reactor,
+        options["endpoints"],
+        max_receive_message=2**31 - 1,
+        keepalive_interval=options["upstream-keepalive-interval"],
+        keepalive_timeout=options["upstream-keepalive-timeout"],
+    )
     upstream.setServiceParent(top)
     limits = Limits(
         max_receive_message=options["max-recv-bytes"],

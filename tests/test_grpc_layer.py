@@ -395,3 +395,65 @@ class PureLogicTests(unittest.TestCase):
         self.assertEqual(e.code, StatusCode.RESOURCE_EXHAUSTED)
         e = self.assertRaises(GRPCError, MessageDecoder(1000).feed, framed)
         self.assertEqual(e.code, StatusCode.INTERNAL)
+
+
+class KeepaliveTests(ServerTestMixin, unittest.TestCase):
+    """Pings toward the server only while calls are open, and a dead peer
+    (no ping answer) is detected."""
+
+    def count_pings(self):
+        from h2.events import PingReceived
+
+        pings = []
+        original = self.factory.buildProtocol
+
+        def build(addr):
+            protocol = original(addr)
+            dispatch = protocol._dispatch
+
+            def counting(event):
+                if isinstance(event, PingReceived):
+                    pings.append(event)
+                dispatch(event)
+
+            protocol._dispatch = counting
+            return protocol
+
+        self.factory.buildProtocol = build
+        return pings
+
+    def channel(self, port, interval, timeout=1.0):
+        channel = Channel(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", port), b"x",
+                          keepalive_interval=interval, keepalive_timeout=timeout)
+        self.addCleanup(channel.close)
+        return channel
+
+    @defer.inlineCallbacks
+    def test_pings_only_while_calls_are_open(self):
+        pings = self.count_pings()
+        channel = self.channel(self.port.getHost().port, 0.1)
+        out = yield channel.unary_call(b"/test.Toy/Unary", b"ab", timeout=5)
+        self.assertEqual(out, b"ba")
+        yield task.deferLater(reactor, 0.6, lambda: None)
+        self.assertEqual(pings, [], "pinged with no call open")
+        listener = Collector()
+        call = channel.start_call(b"/test.Toy/Hang", [], listener, timeout=5)
+        yield task.deferLater(reactor, 0.65, lambda: None)
+        self.assertGreaterEqual(len(pings), 4)
+        call.cancel()
+
+    @defer.inlineCallbacks
+    def test_unanswered_ping_closes_connection(self):
+        from twisted.internet.protocol import Factory, Protocol
+
+        silent = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            Factory.forProtocol(Protocol)
+        )
+        self.addCleanup(silent.stopListening)
+        channel = self.channel(silent.getHost().port, 0.2, timeout=0.3)
+        listener = Collector()
+        started = reactor.seconds()
+        channel.start_call(b"/test.Toy/Hang", [], listener, timeout=10)
+        error, _ = yield listener.done
+        self.assertEqual(error.code, StatusCode.UNAVAILABLE)
+        self.assertLess(reactor.seconds() - started, 2)

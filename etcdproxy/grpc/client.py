@@ -201,7 +201,7 @@ class GRPCClientProtocol(H2Protocol):
         self.draining = False
         self._ping = None
         self._ping_payload = 0
-        self._ping_outstanding = None
+        self._ping_timeout = None
 
     def connectionMade(self):
         super().connectionMade()
@@ -224,6 +224,10 @@ class GRPCClientProtocol(H2Protocol):
             call.headers_received(event.headers)
 
     def goaway_received(self, event):
+        self._log.info(
+            "upstream {peer} sent GOAWAY ({code!r}, {data!r})",
+            peer=self.transport.getPeer(), code=event.error_code, data=event.additional_data,
+        )
         # h2 treats any GOAWAY as the end of the connection and would refuse the
         # rest of the calls the server still finishes (those up to last_stream_id).
         # Put its state machine back to open; `draining` keeps new calls off.
@@ -246,24 +250,29 @@ class GRPCClientProtocol(H2Protocol):
     # Keepalive: etcd answers pings faster than every 5 s, or sent while no
     # stream is open, with GOAWAY "too_many_pings"; ping only while calls run.
     def _keepalive(self):
-        if self._ping_outstanding is not None:
-            if self.reactor.seconds() - self._ping_outstanding > self.channel.keepalive_timeout:
-                self._log.warn("upstream {peer} missed a keepalive ping; closing", peer=self.transport.getPeer())
-                self.transport.abortConnection()
-            return
-        if not self.streams:
+        if self._ping_timeout is not None or not self.streams:
             return
         self._ping_payload += 1
-        self._ping_outstanding = self.reactor.seconds()
         self.conn.ping(self._ping_payload.to_bytes(8, "big"))
         self.schedule_flush(None)
+        self._ping_timeout = self.reactor.callLater(self.channel.keepalive_timeout, self._ping_missed)
+
+    def _ping_missed(self):
+        self._ping_timeout = None
+        self._log.warn("upstream {peer} missed a keepalive ping; closing", peer=self.transport.getPeer())
+        self.transport.abortConnection()
 
     def ping_acked(self, event):
-        self._ping_outstanding = None
+        if self._ping_timeout is not None:
+            self._ping_timeout.cancel()
+            self._ping_timeout = None
 
     def connectionLost(self, reason):
         if self._ping is not None and self._ping.running:
             self._ping.stop()
+        if self._ping_timeout is not None:
+            self._ping_timeout.cancel()
+            self._ping_timeout = None
         self.channel.protocol_gone(self)
         super().connectionLost(reason)
 

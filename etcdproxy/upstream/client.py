@@ -14,7 +14,7 @@ from etcdproxy.grpc.connection import Limits
 class UpstreamClient(service.Service):
     name = "upstream"
 
-    def __init__(self, reactor, endpoints, max_receive_message):
+    def __init__(self, reactor, endpoints, max_receive_message, keepalive_interval, keepalive_timeout):
         self.reactor = reactor
         self.endpoints = endpoints
         self.limits = Limits(max_receive_message=max_receive_message)
@@ -24,6 +24,8 @@ class UpstreamClient(service.Service):
             HostnameEndpoint(reactor, endpoint.host, endpoint.port),
             endpoint.authority.encode("ascii"),
             self.limits,
+            keepalive_interval=keepalive_interval,
+            keepalive_timeout=keepalive_timeout,
         )
 
     def start_call(self, method, metadata, listener, timeout=None):
