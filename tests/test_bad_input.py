@@ -15,7 +15,7 @@ import h2.config
 import h2.connection
 import h2.events
 
-from tests import test_grpcio_services as svc
+from tests.support import grpcio as svc
 from tests.support import targets
 
 R = svc.R

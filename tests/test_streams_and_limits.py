@@ -11,8 +11,8 @@ import time
 
 import grpc
 
-from tests import test_grpcio_services as svc
-from tests.test_grpcio_services import (
+from tests.support import grpcio as svc
+from tests.support.grpcio import (
     CHANNEL_OPTIONS, R, LK, Stubs, pb, prefix_end, rpc_error, rpc_error_or_none)
 
 WATCHER_TOTAL = "etcd_debugging_mvcc_watcher_total"
@@ -156,7 +156,7 @@ class StreamsAndLimitsTests(svc.GrpcioTestCase):
         self.assertTrue(got.kvs[0].value == value, "1 MiB value changed on the way")
         self.assertEqual(got.kvs[0].mod_revision, r.header.revision)
         self.assertTrue(self.d.kv.Range(R.RangeRequest(key=k)).kvs[0].value == value)
-        evs, _ = svc._events(w, 1, timeout=10)
+        evs, _ = svc.events_until(w, 1, timeout=10)
         self.assertTrue(evs[0].kv.value == value, "1 MiB watch event changed on the way")
         # a Txn with a 1 MiB response too
         t = self.p.kv.Txn(R.TxnRequest(success=[R.RequestOp(request_range=R.RangeRequest(key=k))]))
@@ -234,7 +234,7 @@ class StreamsAndLimitsTests(svc.GrpcioTestCase):
         again = s.recv(5)
         self.assertTrue(again.created)
         r = self.put(k, b"v")
-        evs, _ = svc._events(s, 1, again.watch_id)
+        evs, _ = svc.events_until(s, 1, again.watch_id)
         self.assertEqual(evs[0].kv.mod_revision, r.header.revision)
 
     def test_closed_channel_closes_upstream_watches(self):

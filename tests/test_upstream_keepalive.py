@@ -3,7 +3,7 @@
 
 import time
 
-from tests.test_grpcio_services import R, GrpcioTestCase
+from tests.support.grpcio import R, GrpcioTestCase
 
 
 class UpstreamKeepaliveTests(GrpcioTestCase):

@@ -53,7 +53,7 @@ def parse_timeout(value):
 
 def format_timeout(seconds):
     """The shortest grpc-timeout value (at most 8 digits) covering ``seconds``."""
-    micros = max(0, int(seconds * 1e6))
+    micros = max(0, math.ceil(seconds * 1e6))
     for unit, scale in ((b"u", 1), (b"m", 1000), (b"S", 1000000), (b"M", 60000000), (b"H", 3600000000)):
         value = -(-micros // scale)  # round up: never shorten the deadline
         if value < 100000000:
