@@ -57,7 +57,6 @@ class Options(usage.Options):
         ["drain-timeout", None, 10.0,
          "seconds that calls in flight may take to finish on shutdown", float],
     ]
-    optFlags = [["debug", None, "enable debug-level logging"]]
 
     def postOptions(self):
         try:

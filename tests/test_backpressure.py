@@ -1,0 +1,98 @@
+"""A client that stops reading its watch stream: the proxy's memory stays
+bounded (flow control holds etcd back), other streams on the same connection
+and other clients keep being served, and once the reader resumes it gets
+every event, in order."""
+
+import time
+
+from tests.support import targets
+from tests.support.grpcio import R, Stubs, Stream
+from tests.support.rawh2 import H2Client, grpc_frame, grpc_messages
+
+WATCH = "/etcdserverpb.Watch/Watch"
+RANGE = "/etcdserverpb.KV/Range"
+PUTS = 300
+VALUE = b"v" * (100 * 1024)  # 300 x 100 KiB = 30 MiB of events
+
+
+def rss_bytes(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS for %d" % pid)
+
+
+class StalledWatchReaderTests(targets.EtcdProxyTestCase):
+
+    def test_stalled_reader_is_bounded_and_isolated(self):
+        key = b"/backpressure/k"
+        raw = H2Client(self.proxied)
+        self.addCleanup(raw.close)
+        create = R.WatchRequest(create_request=R.WatchCreateRequest(key=key))
+        sid = raw.request(WATCH, grpc_frame(create.SerializeToString()), end_stream=False)
+        raw.stalled.add(sid)
+        deadline = time.monotonic() + 5
+        while not raw.responses[sid].data and time.monotonic() < deadline:
+            raw._pump(0.1)
+        self.assertTrue(raw.responses[sid].data, "no created response")
+
+        observer_stubs = Stubs(self.proxied)
+        self.addCleanup(observer_stubs.close)
+        observer = Stream(observer_stubs.watch.Watch)
+        self.addCleanup(observer.close)
+        observer.send(create)
+        self.assertTrue(observer.recv().created)
+
+        writer = Stubs(self.direct)
+        self.addCleanup(writer.close)
+        rss_before = rss_bytes(self.proxy.proc.pid)
+        first = None
+        for i in range(PUTS):
+            rev = writer.kv.Put(R.PutRequest(key=key, value=VALUE)).header.revision
+            first = first or rev
+            if i % 20 == 0:
+                raw._pump(0.01)  # keep the connection serviced, but never ack the stream
+
+        # Another client is not held back by the stalled one: it gets every event.
+        seen = []
+        while len(seen) < PUTS:
+            seen += [e.kv.mod_revision for e in observer.recv(timeout=20).events]
+        self.assertEqual(seen, list(range(first, first + PUTS)))
+
+        # Another stream on the stalled client's own connection still works.
+        r = raw.call(RANGE, grpc_frame(R.RangeRequest(key=key, count_only=True).SerializeToString()))
+        self.assertEqual(r.status, (0, ""))
+        self.assertEqual(R.RangeResponse.FromString(grpc_messages(r.data)[0]).count, 1)
+
+        # The proxy held back rather than buffering the 30 MiB.
+        growth = rss_bytes(self.proxy.proc.pid) - rss_before
+        print("proxy RSS growth with a stalled reader: %d bytes" % growth)
+        self.assertLess(growth, 8 * 1024 * 1024, "proxy RSS grew by %d bytes" % growth)
+        self.assertLess(len(raw.responses[sid].data), 2 * 1024 * 1024)
+
+        # The reader resumes: every event arrives, in order, none twice.
+        raw.stalled.discard(sid)
+        pending = len(raw.responses[sid].data)
+        raw.conn.acknowledge_received_data(pending, sid)
+        raw.flush()
+        revisions, offset = [], 0
+        deadline = time.monotonic() + 60
+        while len(revisions) < PUTS and time.monotonic() < deadline:
+            raw._pump(0.2)
+            messages, offset = _complete_messages(raw.responses[sid].data, offset)
+            revisions += [e.kv.mod_revision for m in messages
+                          for e in R.WatchResponse.FromString(m).events]
+        self.assertEqual(revisions, list(range(first, first + PUTS)))
+
+
+def _complete_messages(data, offset):
+    """The complete gRPC messages in ``data`` from ``offset``, and the offset after them."""
+    out = []
+    while len(data) - offset >= 5:
+        n = int.from_bytes(data[offset + 1:offset + 5], "big")
+        if len(data) - offset < 5 + n:
+            break
+        out.append(data[offset + 5:offset + 5 + n])
+        offset += 5 + n
+    return out, offset

@@ -1,0 +1,71 @@
+"""The twistd plugin: discovered, documented, refusing bad flags; and the
+committed protobuf modules match protos/."""
+
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from twisted.trial import unittest
+
+from tests.support.proxy import REPO_ROOT
+
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def twistd(*args):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    return subprocess.run(TWISTD + list(args), env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+class PluginTests(unittest.TestCase):
+    def test_listed_by_twistd(self):
+        out = twistd("--help").stdout
+        self.assertIn("etcdgrpcproxy", out)
+
+    def test_help_describes_every_flag(self):
+        out = " ".join(twistd("etcdgrpcproxy", "--help").stdout.split())
+        for flag in ["--endpoints", "--listen-addr", "--max-recv-bytes", "--max-send-bytes",
+                     "--max-concurrent-streams", "--upstream-keepalive-interval",
+                     "--upstream-keepalive-timeout", "--drain-timeout"]:
+            self.assertIn(flag, out)
+        self.assertIn("[default: 127.0.0.1:2379]", out)
+        self.assertIn("[default: 127.0.0.1:23790]", out)
+
+    def test_bad_flags_stop_start_up_with_a_message(self):
+        for args, message in [
+            (["--endpoints=ftp://x:1"], "scheme must be http or https"),
+            (["--endpoints=127.0.0.1:notaport"], "invalid port"),
+            (["--endpoints=https://127.0.0.1:2379"], "not implemented yet"),
+            (["--listen-addr=nowhere"], "expected host:port"),
+            (["--max-recv-bytes=0"], "max-recv-bytes"),
+            (["--upstream-keepalive-interval=1"], "at least 5"),
+        ]:
+            result = twistd("-n", "--pidfile=", "etcdgrpcproxy", *args)
+            self.assertNotEqual(result.returncode, 0, args)
+            self.assertIn(message, result.stdout + result.stderr, args)
+
+
+class GeneratedProtosTests(unittest.TestCase):
+    def test_committed_modules_match_protos(self):
+        """scripts/generate-protos run on a copy gives the committed files."""
+        if shutil.which("protoc") is None:
+            self.fail("protoc missing: scripts/ensure-deps installs protobuf-compiler")
+        work = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, work)
+        for name in ["scripts", "protos", "etcdproxy"]:
+            shutil.copytree(os.path.join(REPO_ROOT, name), os.path.join(work, name),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        subprocess.run(["sh", os.path.join(work, "scripts", "generate-protos")],
+                       check=True, capture_output=True, timeout=60)
+        committed = os.path.join(REPO_ROOT, "etcdproxy", "pb")
+        regenerated = os.path.join(work, "etcdproxy", "pb")
+        for package in sorted(os.listdir(os.path.join(REPO_ROOT, "protos"))):
+            names = sorted(n for n in os.listdir(os.path.join(committed, package)) if n.endswith(".py"))
+            self.assertTrue(names, package)
+            match, mismatch, errors = filecmp.cmpfiles(
+                os.path.join(committed, package), os.path.join(regenerated, package), names, shallow=False)
+            self.assertEqual((mismatch, errors), ([], []), package)
