@@ -6,6 +6,7 @@ from twisted.application import service
 from twisted.python import usage
 
 from etcdproxy.upstream.endpoints import parse_endpoints
+from etcdproxy.upstream.policy import POLICIES
 
 
 def _listen_description(address):
@@ -37,7 +38,13 @@ class Options(usage.Options):
     )
     optParameters = [
         ["endpoints", None, "127.0.0.1:2379",
-         "comma-separated etcd endpoints, host:port or http://host:port"],
+         "comma-separated etcd endpoints, host:port or http://host:port; with "
+         "--endpoint-policy=weighted each may end with =WEIGHT (a positive integer, "
+         "default 1), e.g. 10.0.0.1:2379=3,10.0.0.2:2379=1"],
+        ["endpoint-policy", None, "sticky",
+         "which endpoint new calls go to: sticky (one picked at random at start, "
+         "used until it fails), round-robin (each call to the next healthy one), "
+         "weighted (round-robin in proportion to the =WEIGHT of each endpoint)"],
         ["listen-addr", None, "127.0.0.1:23790", "address (host:port) to serve clients on"],
         ["max-recv-bytes", None, 4 * 1024 * 1024,
          "largest request message accepted from a client, in bytes (requests "
@@ -54,11 +61,25 @@ class Options(usage.Options):
          "etcd answers faster pings with GOAWAY too_many_pings)", float],
         ["upstream-keepalive-timeout", None, 10.0,
          "seconds without a ping answer after which an etcd connection is dropped", float],
+        ["upstream-connect-timeout", None, 2.0,
+         "seconds a connection attempt to an etcd endpoint may take", float],
+        ["health-check-interval", None, 1.0,
+         "seconds between health checks (Maintenance.Status) of each healthy endpoint", float],
+        ["health-check-timeout", None, 2.0,
+         "seconds a health check may take; an endpoint that does not answer in time "
+         "is considered hung and left", float],
+        ["endpoint-probe-max-interval", None, 3.0,
+         "longest pause between health checks of a failed endpoint (they start at "
+         "0.5 s and double)", float],
         ["drain-timeout", None, 10.0,
          "seconds that calls in flight may take to finish on shutdown", float],
     ]
 
     def postOptions(self):
+        if self["endpoint-policy"] not in POLICIES:
+            raise usage.UsageError(f"--endpoint-policy must be one of {', '.join(POLICIES)}")
+        if "=" in self["endpoints"] and self["endpoint-policy"] != "weighted":
+            raise usage.UsageError("--endpoints: weights (host:port=WEIGHT) need --endpoint-policy=weighted")
         try:
             self["endpoints"] = parse_endpoints(self["endpoints"])
         except ValueError as e:
@@ -67,8 +88,10 @@ class Options(usage.Options):
             raise usage.UsageError("--endpoints: https:// endpoints (TLS toward etcd) are not implemented yet")
         if self["upstream-keepalive-interval"] < 5:
             raise usage.UsageError("--upstream-keepalive-interval must be at least 5 (etcd's minimum)")
-        if self["upstream-keepalive-timeout"] <= 0:
-            raise usage.UsageError("--upstream-keepalive-timeout must be positive")
+        for name in ("upstream-keepalive-timeout", "upstream-connect-timeout", "health-check-interval",
+                     "health-check-timeout", "endpoint-probe-max-interval"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
         self["listen-description"] = _listen_description(self["listen-addr"])
 
 
@@ -81,23 +104,28 @@ def makeService(options):
     from etcdproxy.grpc.connection import Limits
     from etcdproxy.grpc.server import GRPCServerFactory
     from etcdproxy.grpc.service import GRPCServerService
-    from etcdproxy.upstream.client import UpstreamClient
+    from etcdproxy.upstream.monitor import EndpointMonitor
 
     top = service.MultiService()
-    upstream = UpstreamClient(
+    monitor = EndpointMonitor(
         reactor,
         options["endpoints"],
-        max_receive_message=2**31 - 1,
+        policy=options["endpoint-policy"],
+        limits=Limits(max_receive_message=2**31 - 1),
         keepalive_interval=options["upstream-keepalive-interval"],
         keepalive_timeout=options["upstream-keepalive-timeout"],
+        connect_timeout=options["upstream-connect-timeout"],
+        check_interval=options["health-check-interval"],
+        check_timeout=options["health-check-timeout"],
+        probe_backoff_max=options["endpoint-probe-max-interval"],
     )
-    upstream.setServiceParent(top)
+    monitor.setServiceParent(top)
     limits = Limits(
         max_receive_message=options["max-recv-bytes"],
         max_send_message=options["max-send-bytes"],
         max_concurrent_streams=options["max-concurrent-streams"],
     )
-    factory = GRPCServerFactory(ProxyRouter(upstream), reactor, limits)
+    factory = GRPCServerFactory(ProxyRouter(monitor), reactor, limits)
     server = GRPCServerService(
         serverFromString(reactor, options["listen-description"]), factory, options["drain-timeout"]
     )

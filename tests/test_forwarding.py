@@ -1,4 +1,4 @@
-"""The pass-through path in-process: a proxy (ProxyRouter + UpstreamClient)
+"""The pass-through path in-process: a proxy (ProxyRouter + EndpointMonitor)
 in front of a toy upstream gRPC server, driven by grpcio. Checks what etcd
 cannot show: every metadata key reaches upstream, response metadata comes back,
 deadlines and cancellation propagate, and an upstream failure ends the call."""
@@ -14,8 +14,9 @@ from zope.interface import implementer
 from etcdproxy.grpc.server import GRPCServerFactory, ICallHandler
 from etcdproxy.grpc.status import StatusCode
 from etcdproxy.proxy import ProxyRouter
-from etcdproxy.upstream.client import UpstreamClient
+from etcdproxy.pb.etcdserverpb import rpc_pb2
 from etcdproxy.upstream.endpoints import parse_endpoint
+from etcdproxy.upstream.monitor import STATUS, EndpointMonitor
 
 RANGE = "/etcdserverpb.KV/Range"
 WATCH = "/etcdserverpb.Watch/Watch"
@@ -43,7 +44,10 @@ class UpstreamHandler:
         self.messages.append(message)
 
     def half_closed(self):
-        if self.call.method == RANGE.encode():
+        if self.call.method == STATUS:  # the monitor's health check
+            self.call.send_message(rpc_pb2.StatusResponse(leader=1).SerializeToString())
+            self.call.finish()
+        elif self.call.method == RANGE.encode():
             self.call.send_headers([(b"x-header-back", self.metadata.get(b"x-custom", b"-"))])
             self.call.send_message(self.messages[0][::-1])
             self.call.finish(StatusCode.OK, "", [(b"x-trailer-back", b"t"),
@@ -59,6 +63,8 @@ class ToyUpstream:
         self.abort_on_start = False
 
     def __call__(self, path):
+        if path == STATUS:  # health checks: answered, never aborted, not recorded
+            return UpstreamHandler(ToyUpstream())
         return UpstreamHandler(self)
 
 
@@ -74,7 +80,8 @@ class ForwardingTests(unittest.TestCase):
         self.upstream_port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             self.upstream_factory)
         endpoint = parse_endpoint("127.0.0.1:%d" % self.upstream_port.getHost().port)
-        self.client = UpstreamClient(reactor, [endpoint], 2**31 - 1, 10.0, 10.0)
+        self.client = EndpointMonitor(reactor, [endpoint])
+        self.client.startService()
         self.proxy_factory = GRPCServerFactory(ProxyRouter(self.client), reactor)
         self.proxy_port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
             self.proxy_factory)

@@ -30,7 +30,9 @@ class PluginTests(unittest.TestCase):
         out = " ".join(twistd("etcdgrpcproxy", "--help").stdout.split())
         for flag in ["--endpoints", "--listen-addr", "--max-recv-bytes", "--max-send-bytes",
                      "--max-concurrent-streams", "--upstream-keepalive-interval",
-                     "--upstream-keepalive-timeout", "--drain-timeout"]:
+                     "--upstream-keepalive-timeout", "--drain-timeout", "--endpoint-policy",
+                     "--upstream-connect-timeout", "--health-check-interval",
+                     "--health-check-timeout", "--endpoint-probe-max-interval"]:
             self.assertIn(flag, out)
         self.assertIn("[default: 127.0.0.1:2379]", out)
         self.assertIn("[default: 127.0.0.1:23790]", out)
@@ -43,6 +45,11 @@ class PluginTests(unittest.TestCase):
             (["--listen-addr=nowhere"], "expected host:port"),
             (["--max-recv-bytes=0"], "max-recv-bytes"),
             (["--upstream-keepalive-interval=1"], "at least 5"),
+            (["--endpoint-policy=random"], "must be one of sticky, round-robin, weighted"),
+            (["--endpoints=127.0.0.1:1=2,127.0.0.1:2"], "need --endpoint-policy=weighted"),
+            (["--endpoint-policy=weighted", "--endpoints=127.0.0.1:1=0"], "positive integer"),
+            (["--endpoints=127.0.0.1:1,127.0.0.1:1"], "given twice"),
+            (["--health-check-timeout=0"], "must be positive"),
         ]:
             result = twistd("-n", "--pidfile=", "etcdgrpcproxy", *args)
             self.assertNotEqual(result.returncode, 0, args)

@@ -3,6 +3,10 @@
 `Channel` owns (re)connecting to one address and starts calls on it.
 `Channel.start_call` gives a streaming call of any kind that reports to a listener;
 `Channel.unary_call` is the Deferred-based convenience for unary calls.
+
+A call that fails with UNAVAILABLE says whether its request may have reached the
+server (`GRPCError.unprocessed`), and a channel tells its owner when its
+connection fails (`Channel.on_failure`), so that the owner can go elsewhere.
 """
 
 from twisted.internet import defer
@@ -159,14 +163,17 @@ class ClientCall(MessageStream):
         self._finish(GRPCError(
             status_for_reset(error_code),
             f"stream terminated by RST_STREAM with error code: {error_code!r}",
+            # RFC 9113 8.7: a REFUSED_STREAM stream was not processed at all.
+            unprocessed=error_code == ErrorCodes.REFUSED_STREAM,
         ), ())
 
     def connection_lost(self, reason):
+        # The request may have been sent and processed: the outcome is unknown.
         self._finish(GRPCError(StatusCode.UNAVAILABLE, f"upstream connection lost: {reason.getErrorMessage()}"), ())
 
     def refused(self, message):
         """The server will never process this call (GOAWAY, connect failure)."""
-        self._finish(GRPCError(StatusCode.UNAVAILABLE, message), ())
+        self._finish(GRPCError(StatusCode.UNAVAILABLE, message, unprocessed=True), ())
 
     def _deadline_expired(self):
         self._timer = None
@@ -234,7 +241,7 @@ class GRPCClientProtocol(H2Protocol):
         self.conn.state_machine.state = ConnectionState.CLIENT_OPEN
         self.draining = True
         # Calls above last_stream_id were never seen by the server: safe to retry.
-        self.channel.protocol_gone(self)
+        self.channel.protocol_failed(self, f"GOAWAY ({event.error_code!r})")
         for sid, call in list(self.streams.items()):
             if sid > event.last_stream_id:
                 del self.streams[sid]
@@ -260,6 +267,7 @@ class GRPCClientProtocol(H2Protocol):
     def _ping_missed(self):
         self._ping_timeout = None
         self._log.warn("upstream {peer} missed a keepalive ping; closing", peer=self.transport.getPeer())
+        self.channel.protocol_failed(self, "keepalive ping timeout")
         self.transport.abortConnection()
 
     def ping_acked(self, event):
@@ -273,7 +281,9 @@ class GRPCClientProtocol(H2Protocol):
         if self._ping_timeout is not None:
             self._ping_timeout.cancel()
             self._ping_timeout = None
-        self.channel.protocol_gone(self)
+        # The owner hears of the failure before the calls do, so that calls
+        # retried from their listeners already go elsewhere.
+        self.channel.protocol_failed(self, f"connection lost: {reason.getErrorMessage()}")
         super().connectionLost(reason)
 
 
@@ -307,18 +317,24 @@ class Channel:
 
     The connection is opened on the first call and again after it is lost; a
     call made while no connection can be had fails with UNAVAILABLE.
+
+    ``on_failure(reason)``, if set, is called (with a short text) each time a
+    connection attempt fails or a connection ends without the owner asking:
+    connection lost or reset, GOAWAY, keepalive ping timeout. It is called before
+    the calls on that connection end.
     """
 
     _log = Logger()
 
     def __init__(self, reactor, endpoint, authority, limits=Limits(),
-                 keepalive_interval=10.0, keepalive_timeout=10.0):
+                 keepalive_interval=10.0, keepalive_timeout=10.0, on_failure=None):
         self.reactor = reactor
         self.endpoint = endpoint
         self.authority = authority
         self.limits = limits
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout
+        self.on_failure = on_failure
         self._protocol = None
         self._connecting = None
         self._waiting = []
@@ -363,6 +379,7 @@ class Channel:
         self._connecting = None
         waiting, self._waiting = self._waiting, []
         message = f"connection error: {failure.getErrorMessage()}"
+        self._report(message)
         for call in waiting:
             call.refused(message)
 
@@ -370,13 +387,28 @@ class Channel:
         if call in self._waiting:
             self._waiting.remove(call)
 
-    def protocol_gone(self, protocol):
+    def protocol_failed(self, protocol, reason):
+        """``protocol`` takes no new calls any more (GOAWAY, lost, ping timeout)."""
         if self._protocol is protocol:
             self._protocol = None
+            self._report(reason)
+
+    def _report(self, reason):
+        if self.on_failure is not None and not self._closed:
+            self.on_failure(reason)
+
+    def disconnect(self):
+        """Drops the connection at once, unreported (the owner knows why);
+        calls in flight end with UNAVAILABLE. The next call reconnects."""
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.transport.abortConnection()
 
     def close(self):
         """Closes the connection; calls in flight end with UNAVAILABLE."""
         self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()  # refuses the waiting calls
         if self._protocol is not None:
             self._protocol.transport.loseConnection()
             self._protocol = None

@@ -31,13 +31,19 @@ class GRPCError(Exception):
 
     ``metadata`` is the trailing metadata as (bytes, bytes) pairs; it is relayed
     unchanged, so details such as grpc-status-details-bin survive a proxy hop.
+
+    ``unprocessed`` is true when the request is known never to have reached the
+    server's application (connect failure, GOAWAY below the call's stream,
+    REFUSED_STREAM): such a call is safe to retry whatever it does. False means
+    the outcome is unknown or the server answered.
     """
 
-    def __init__(self, code, message="", metadata=()):
+    def __init__(self, code, message="", metadata=(), unprocessed=False):
         super().__init__(code, message)
         self.code = StatusCode(code) if 0 <= code <= 16 else StatusCode.UNKNOWN
         self.message = message
         self.metadata = tuple(metadata)
+        self.unprocessed = unprocessed
 
     def __str__(self):
         return f"{self.code.name}: {self.message}"

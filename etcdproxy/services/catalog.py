@@ -29,3 +29,31 @@ def unknown_method_error(path):
         StatusCode.UNIMPLEMENTED,
         f"unknown method {method.decode('utf-8', 'replace')} for service {service_name}",
     )
+
+
+# Paths of the methods with one request and one response message.
+UNARY_PATHS = frozenset(
+    b"/%s/%s" % (service.full_name.encode(), method.name.encode())
+    for module in _FILES
+    for service in module.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+    if not method.client_streaming and not method.server_streaming
+)
+
+# Unary methods that only read: repeating one changes nothing in etcd, so a
+# call whose outcome is unknown may be sent again.
+READ_ONLY_PATHS = frozenset([
+    b"/etcdserverpb.KV/Range",
+    b"/etcdserverpb.Maintenance/Status",
+    b"/etcdserverpb.Maintenance/Hash",
+    b"/etcdserverpb.Maintenance/HashKV",
+    b"/etcdserverpb.Cluster/MemberList",
+    b"/etcdserverpb.Lease/LeaseTimeToLive",
+    b"/etcdserverpb.Lease/LeaseLeases",
+    b"/etcdserverpb.Auth/UserGet",
+    b"/etcdserverpb.Auth/UserList",
+    b"/etcdserverpb.Auth/RoleGet",
+    b"/etcdserverpb.Auth/RoleList",
+    b"/v3electionpb.Election/Leader",
+])
+assert READ_ONLY_PATHS <= UNARY_PATHS

@@ -1,0 +1,362 @@
+"""The endpoint monitor end to end: a real 3-member etcd cluster, the proxy as a
+twistd process, grpcio clients (which never retry by themselves).
+
+- SIGKILL of the member the proxy uses, under reads and writes: reads never fail,
+  calls are served by another member within 2 s; a LeaseKeepAlive stream ends
+  with UNAVAILABLE at once and works again when opened again.
+- SIGSTOP of that member: detected within health-check interval + timeout, reads
+  never fail, and the member rejoins the pool after SIGCONT.
+- All members down, then back: UNAVAILABLE at once meanwhile, then service again
+  without restarting the proxy.
+- Each policy: sticky spreads proxy instances over members; round-robin and
+  weighted round-robin shares counted from each member's
+  grpc_server_handled_total{grpc_method="Range"}.
+
+Measured failover times are printed (pytest -s shows them).
+"""
+
+import collections
+import threading
+import time
+import uuid
+
+import grpc
+
+from tests.support.etcd import EtcdCluster
+from tests.support.grpcio import R, Stream, Stubs, rpc_error
+from tests.support.proxy import ProxyProcess
+from tests.support.targets import ClassFixtureTestCase
+
+HANDLED = "grpc_server_handled_total"
+CALL_TIMEOUT = 8.0
+
+
+def report(what, seconds):
+    print("\n[failover] %s: %.3f s" % (what, seconds), flush=True)
+
+
+class Load:
+    """Linearizable reads, serializable reads and writes through ``address``,
+    each kind in its own thread on its own channel, back to back; every
+    outcome is recorded with the member that answered."""
+
+    KINDS = ("read", "serializable-read", "write")
+
+    def __init__(self, address, key):
+        self.key = key
+        self.records = []  # (kind, sent, done, code, member_id)
+        self.details = []  # (kind, code, details) of each failure
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(address, kind), daemon=True)
+                         for kind in self.KINDS]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, address, kind):
+        stubs = Stubs(address)
+        try:
+            n = 0
+            while not self._stop.is_set():
+                n += 1
+                sent = time.monotonic()
+                try:
+                    if kind == "write":
+                        r = stubs.kv.Put(R.PutRequest(key=self.key, value=b"%d" % n), timeout=CALL_TIMEOUT)
+                    else:
+                        r = stubs.kv.Range(R.RangeRequest(key=self.key, serializable=kind != "read"),
+                                           timeout=CALL_TIMEOUT)
+                    code, member = grpc.StatusCode.OK, r.header.member_id
+                except grpc.RpcError as e:
+                    code, member = e.code(), None
+                    self.details.append((kind, e.code(), e.details()))
+                self.records.append((kind, sent, time.monotonic(), code, member))
+                time.sleep(0.02)
+        finally:
+            stubs.close()
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(CALL_TIMEOUT + 5)
+
+    def failures(self, kind):
+        return [(code, round(sent, 3)) for k, sent, _, code, _ in self.records
+                if k == kind and code != grpc.StatusCode.OK]
+
+    def first_success_elsewhere(self, kind, member, since):
+        """Seconds from ``since`` to the first success of ``kind`` answered by
+        another member than ``member``."""
+        done = [d for k, _, d, code, m in self.records
+                if k == kind and code == grpc.StatusCode.OK and m != member and d > since]
+        return min(done) - since if done else None
+
+    def members(self, kind, after):
+        return {m for k, sent, _, code, m in self.records
+                if k == kind and code == grpc.StatusCode.OK and sent > after}
+
+    def wait_successes_elsewhere(self, member, since, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.first_success_elsewhere(k, member, since) is not None for k in self.KINDS):
+                return
+            time.sleep(0.1)
+
+
+class EndpointFailoverTests(ClassFixtureTestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.etcd = EtcdCluster(size=3)
+        cls.etcd.start()
+        try:
+            cls.direct = [Stubs(ep) for ep in cls.etcd.endpoints]
+            cls.member_ids = [s.maint.Status(R.StatusRequest()).header.member_id for s in cls.direct]
+        except BaseException:
+            cls.etcd.stop()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for s in getattr(cls, "direct", ()):
+            s.close()
+        cls.etcd.stop()
+
+    def setUp(self):
+        self.addCleanup(self.restore_cluster)
+
+    def restore_cluster(self):
+        for i in range(self.etcd.size):
+            if self.etcd.is_running(i):
+                self.etcd.resume(i)
+            else:
+                self.etcd.restart(i, wait=False)
+        self.etcd.wait_healthy()
+
+    # -- helpers --------------------------------------------------------------
+
+    def proxy(self, *args, endpoints=None):
+        p = ProxyProcess(endpoints or self.etcd.endpoints, extra_args=args)
+        p.start()
+        self.addCleanup(p.stop)
+        return p
+
+    def stubs(self, address):
+        s = Stubs(address)
+        self.addCleanup(s.close)
+        return s
+
+    def key(self):
+        return ("/failover/%s/%s" % (self._testMethodName, uuid.uuid4().hex[:8])).encode()
+
+    def used_member(self, stubs):
+        """Index of the member answering calls through a (sticky) proxy."""
+        member_id = stubs.maint.Status(R.StatusRequest()).header.member_id
+        return self.member_ids.index(member_id)
+
+    def leader(self):
+        for i, s in enumerate(self.direct):
+            if self.etcd.is_running(i):
+                return self.member_ids.index(s.maint.Status(R.StatusRequest()).leader)
+
+    def move_leader(self, target):
+        """Makes member ``target`` the leader (leave_leader=False: away from it)."""
+        leader = self.leader()
+        if leader != target:
+            self.direct[leader].maint.MoveLeader(R.MoveLeaderRequest(targetID=self.member_ids[target]))
+        deadline = time.monotonic() + 10
+        while self.leader() != target:
+            self.assertLess(time.monotonic(), deadline, "leadership did not move")
+            time.sleep(0.1)
+
+    def range_counts(self):
+        return [self.etcd.metric(HANDLED, i, {"grpc_method": "Range"}) for i in range(self.etcd.size)]
+
+    def ranges(self, stubs, n):
+        """Delta of each member's Range count over ``n`` Ranges through ``stubs``."""
+        before = self.range_counts()
+        key = self.key()
+        for _ in range(n):
+            stubs.kv.Range(R.RangeRequest(key=key))
+        return [round(a - b) for a, b in zip(self.range_counts(), before)]
+
+    def load(self, address):
+        load = Load(address, self.key())
+        self.addCleanup(load.stop)
+        return load
+
+    # -- SIGKILL ----------------------------------------------------------------
+
+    def stop_used_member(self, leader, how="SIGKILL"):
+        proxy = self.proxy()
+        stubs = self.stubs(proxy.address)
+        used = self.used_member(stubs)
+        if leader:
+            self.move_leader(used)
+        else:
+            self.move_leader((used + 1) % 3)
+        # a lease kept alive through the proxy
+        lease = stubs.lease.LeaseGrant(R.LeaseGrantRequest(TTL=5)).ID
+        keepalive = Stream(stubs.lease_stream.LeaseKeepAlive)
+        self.addCleanup(keepalive.close)
+        keepalive.send(R.LeaseKeepAliveRequest(ID=lease))
+        self.assertEqual(keepalive.recv().ID, lease)
+
+        load = self.load(proxy.address)
+        time.sleep(1.0)
+        killed_at = time.monotonic()
+        if how == "SIGKILL":
+            self.etcd.kill(used)
+        else:
+            self.etcd.terminate(used)  # SIGTERM: etcd sends GOAWAY and stops
+        # the keep-alive stream ends at once, with UNAVAILABLE, and can be opened again
+        error = keepalive.wait_end(timeout=2.0)
+        stream_ended = time.monotonic() - killed_at
+        self.assertEqual(error.code(), grpc.StatusCode.UNAVAILABLE)
+        reopened = Stream(stubs.lease_stream.LeaseKeepAlive)
+        self.addCleanup(reopened.close)
+        reopened.send(R.LeaseKeepAliveRequest(ID=lease))
+        self.assertGreater(reopened.recv(timeout=CALL_TIMEOUT).TTL, 0)
+
+        killed_id = self.member_ids[used]
+        load.wait_successes_elsewhere(killed_id, killed_at, timeout=10)
+        time.sleep(0.5)
+        load.stop()
+        role = "%s %s" % (how, "leader" if leader else "follower")
+        report("%s: LeaseKeepAlive stream ended UNAVAILABLE after" % role, stream_ended)
+        times = {}
+        for kind in Load.KINDS:
+            times[kind] = load.first_success_elsewhere(kind, killed_id, killed_at)
+            self.assertIsNotNone(times[kind], "no %s succeeded on another member" % kind)
+            report("%s: first %s served by a new member after" % (role, kind), times[kind])
+        write_failures = load.failures("write")
+        print("[failover] %s: failures: %s" % (role, load.details or "none"))
+        self.assertEqual(load.failures("read"), [])
+        self.assertEqual(load.failures("serializable-read"), [])
+        self.assertTrue(all(code == grpc.StatusCode.UNAVAILABLE for code, _ in write_failures),
+                        write_failures)
+        # sticky: after the switch every call goes to one new member
+        self.assertEqual(len(load.members("read", killed_at + times["read"] + 0.1)), 1)
+        return times
+
+    def test_kill_follower_in_use(self):
+        times = self.stop_used_member(leader=False)
+        for kind in Load.KINDS:
+            self.assertLess(times[kind], 2.0, kind)
+
+    def test_terminate_follower_in_use(self):
+        times = self.stop_used_member(leader=False, how="SIGTERM")
+        for kind in Load.KINDS:
+            self.assertLess(times[kind], 2.0, kind)
+
+    def test_kill_leader_in_use(self):
+        times = self.stop_used_member(leader=True)
+        self.assertLess(times["serializable-read"], 2.0)
+        # Linearizable reads wait for etcd to elect a new leader (election
+        # timeout 1 s). A write sent to the new member before it noticed the
+        # leader's death is forwarded to the dead leader and lost: etcd answers
+        # "request timed out" after its request timeout (7 s), as it does
+        # without a proxy; the next write succeeds.
+        self.assertLess(times["read"], 5.0)
+        self.assertLess(times["write"], CALL_TIMEOUT + 1)
+
+    # -- SIGSTOP ----------------------------------------------------------------
+
+    def test_frozen_member_is_detected_and_left(self):
+        proxy = self.proxy("--health-check-interval=1", "--health-check-timeout=2")
+        stubs = self.stubs(proxy.address)
+        used = self.used_member(stubs)
+        self.move_leader((used + 1) % 3)  # the election is not what is measured here
+        load = self.load(proxy.address)
+        time.sleep(1.0)
+        frozen_at = time.monotonic()
+        self.etcd.pause(used)
+        frozen_id = self.member_ids[used]
+        load.wait_successes_elsewhere(frozen_id, frozen_at, timeout=10)
+        detected = load.first_success_elsewhere("read", frozen_id, frozen_at)
+        self.assertIsNotNone(detected, "reads never moved off the frozen member")
+        report("SIGSTOP (interval 1 s + timeout 2 s): first read served by a new member after", detected)
+        self.assertLess(detected, 1 + 2 + 1.5)
+        self.assertIn("health check timed out", proxy.log())
+        self.assertEqual(load.failures("read"), [])
+        self.assertEqual(load.failures("serializable-read"), [])
+
+        # SIGCONT: the member rejoins the pool; the sticky pick stays where it is
+        resumed_at = time.monotonic()
+        self.etcd.resume(used)
+        deadline = resumed_at + 10
+        while "healthy again" not in proxy.log():
+            self.assertLess(time.monotonic(), deadline, "the member did not rejoin:\n" + proxy.log())
+            time.sleep(0.2)
+        report("SIGCONT: member back in the pool after", time.monotonic() - resumed_at)
+        time.sleep(0.5)
+        load.stop()
+        self.assertEqual(load.failures("read"), [])
+        self.assertEqual(len(load.members("read", frozen_at + detected)), 1)  # no move back
+
+    # -- all down ---------------------------------------------------------------
+
+    def test_all_members_down_then_back(self):
+        proxy = self.proxy()
+        stubs = self.stubs(proxy.address)
+        key = self.key()
+        stubs.kv.Put(R.PutRequest(key=key, value=b"before"))
+        for i in range(3):
+            self.etcd.kill(i)
+        for request in [R.RangeRequest(key=key), R.PutRequest(key=key, value=b"x")] * 3:
+            method = stubs.kv.Range if isinstance(request, R.RangeRequest) else stubs.kv.Put
+            started = time.monotonic()
+            code, details = rpc_error(method, request, timeout=5)
+            took = time.monotonic() - started
+            self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, details)
+            self.assertLess(took, 1.5, details)
+        report("all members down: UNAVAILABLE after (last call)", took)
+        self.assertEqual(details, "no healthy etcd endpoint")
+        # a stream too
+        code, details = rpc_error(lambda: list(stubs.watch.Watch(iter([]), timeout=5)))
+        self.assertEqual(code, grpc.StatusCode.UNAVAILABLE)
+
+        for i in range(3):
+            self.etcd.restart(i, wait=False)
+        self.etcd.wait_healthy()
+        back_at = time.monotonic()
+        deadline = back_at + 20
+        while True:
+            try:
+                r = stubs.kv.Range(R.RangeRequest(key=key), timeout=5)
+                break
+            except grpc.RpcError as e:
+                self.assertLess(time.monotonic(), deadline, "no service after the cluster came back: %s" % e)
+                time.sleep(0.1)
+        report("all members back: first read through the proxy after the cluster was healthy",
+               time.monotonic() - back_at)
+        self.assertEqual(r.kvs[0].value, b"before")
+        stubs.kv.Put(R.PutRequest(key=key, value=b"after"))
+
+    # -- policies ---------------------------------------------------------------
+
+    def test_sticky_spreads_proxy_instances_over_members(self):
+        proxies = [ProxyProcess(self.etcd.endpoints) for _ in range(8)]
+        for p in proxies:
+            self.addCleanup(p.stop)
+        starters = [threading.Thread(target=p.start, daemon=True) for p in proxies]
+        for t in starters:
+            t.start()
+        for t in starters:
+            t.join(60)
+        used = []
+        for p in proxies:
+            self.assertTrue(p.is_running(), p.log())
+            counts = self.ranges(self.stubs(p.address), 5)
+            self.assertEqual(sorted(counts), [0, 0, 5], counts)  # one member per proxy
+            used.append(counts.index(5))
+        print("\n[failover] sticky: members used by 8 proxies: %s" % sorted(collections.Counter(used).items()))
+        self.assertGreater(len(set(used)), 1, used)
+
+    def test_round_robin_spreads_calls_evenly(self):
+        proxy = self.proxy("--endpoint-policy=round-robin")
+        self.assertEqual(self.ranges(self.stubs(proxy.address), 60), [20, 20, 20])
+
+    def test_weighted_round_robin_follows_the_weights(self):
+        eps = self.etcd.endpoints
+        proxy = self.proxy("--endpoint-policy=weighted",
+                           endpoints=["%s=3" % eps[0], "%s=2" % eps[1], "http://%s=1" % eps[2]])
+        self.assertEqual(self.ranges(self.stubs(proxy.address), 60), [30, 20, 10])
