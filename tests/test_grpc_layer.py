@@ -61,6 +61,8 @@ class ToyHandler:
             call.finish()
         elif self.kind == b"Fail":
             call.finish(StatusCode.NOT_FOUND, "nope: 100% \u2713\n", [(b"x-trailer", b"t1")])
+        elif self.kind == b"Broken":
+            raise RuntimeError("a bug in a handler")
         elif self.kind == b"Slow":
             reactor.callLater(0.3, lambda: (call.send_message(b"slow"), call.finish()))
         # Hang: never answers.
@@ -185,6 +187,21 @@ class GrpcioClientTests(ServerTestMixin, unittest.TestCase):
         self.assertEqual(code, grpc.StatusCode.NOT_FOUND)
         self.assertEqual(details, "nope: 100% \u2713\n")
         self.assertEqual(trailers["x-trailer"], "t1")
+
+    @defer.inlineCallbacks
+    def test_handler_bug_ends_the_call_with_internal(self):
+        def run(ch):
+            try:
+                _call(ch, "unary_unary", "/test.Toy/Broken")(b"", timeout=5)
+            except grpc.RpcError as e:
+                first = e.code(), e.details()
+            return first, _call(ch, "unary_unary", "/test.Toy/Unary")(b"ok", timeout=5)
+
+        (code, details), second = yield self.grpcio(run)
+        self.assertEqual(code, grpc.StatusCode.INTERNAL)
+        self.assertEqual(details, "internal error in the proxy")
+        self.assertEqual(second, b"ko")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     @defer.inlineCallbacks
     def test_unknown_service(self):
@@ -457,3 +474,74 @@ class KeepaliveTests(ServerTestMixin, unittest.TestCase):
         error, _ = yield listener.done
         self.assertEqual(error.code, StatusCode.UNAVAILABLE)
         self.assertLess(reactor.seconds() - started, 2)
+
+
+class StreamCountingTests(unittest.TestCase):
+    """etcdproxy.grpc.connection._Connection counts open streams in amortized
+    O(1) and still enforces the concurrency limit."""
+
+    def pair(self, max_streams):
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+        from h2.settings import SettingCodes
+
+        from etcdproxy.grpc.connection import _Connection
+
+        server = _Connection(H2Configuration(client_side=False, header_encoding=None))
+        server.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
+        server.local_settings.acknowledge()
+        server.initiate_connection()
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+        server.receive_data(client.data_to_send())
+        return client, server
+
+    def open(self, client, server, n):
+        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x/y"),
+                   (b":authority", b"a"), (b"content-type", b"application/grpc")]
+        ids = []
+        for _ in range(n):
+            sid = client.get_next_available_stream_id()
+            client.send_headers(sid, headers)
+            ids.append(sid)
+        return ids, server.receive_data(client.data_to_send())
+
+    def test_walks_are_amortized(self):
+        from h2.connection import H2Connection
+
+        from etcdproxy.grpc.connection import _Connection
+
+        walks = []
+        original = H2Connection._open_streams
+
+        def counting(conn, remainder):
+            if isinstance(conn, _Connection):
+                walks.append(remainder)
+            return original(conn, remainder)
+
+        H2Connection._open_streams = counting
+        self.addCleanup(setattr, H2Connection, "_open_streams", original)
+        client, server = self.pair(2**31 - 1)
+        ids, events = self.open(client, server, 3000)
+        self.assertEqual(len(events), 3000)
+        self.assertLess(len(walks), 30)
+        self.assertEqual(original(server, 1), 3000)
+
+    def test_limit_enforced(self):
+        from h2.errors import ErrorCodes
+        from h2.exceptions import TooManyStreamsError
+
+        client, server = self.pair(100)
+        ids, events = self.open(client, server, 100)
+        self.assertEqual(len(events), 100)
+        self.assertRaises(TooManyStreamsError, self.open, client, server, 1)
+        # Once streams close, new ones are allowed again.
+        client, server = self.pair(100)
+        ids, events = self.open(client, server, 100)
+        for sid in ids[:50]:
+            client.reset_stream(sid, ErrorCodes.CANCEL)
+        server.receive_data(client.data_to_send())
+        ids, events = self.open(client, server, 50)
+        self.assertEqual(len(events), 50)

@@ -91,11 +91,10 @@ class ClientCall(MessageStream):
 
     def end(self):
         """Half-close: no more request messages."""
-        self.queue_end(self._send_end_stream)
+        self.queue_end_stream()
 
-    def _send_end_stream(self):
+    def end_sent(self):
         self._end_sent = True
-        self.protocol.conn.end_stream(self.stream_id)
 
     def cancel(self):
         """Abandons the call; the listener is not called."""

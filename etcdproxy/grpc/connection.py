@@ -71,6 +71,7 @@ class MessageStream:
         self._out = []
         self._out_size = 0
         self._end = None  # callable that sends what ends our side, after the queue
+        self._end_stream = False  # END_STREAM on the last queued DATA frame
         self._producer = None
         self._producer_paused = False
         self._receiving_paused = False
@@ -109,10 +110,17 @@ class MessageStream:
         if self.protocol is not None:
             self.protocol.schedule_flush(self)
 
+    def queue_end_stream(self):
+        """Ends our side with the last queued DATA frame (no frame of its own)."""
+        self._end_stream = True
+        if self.protocol is not None:
+            self.protocol.schedule_flush(self)
+
     def flush(self, conn):
         """Sends what the peer's windows allow; called by the protocol."""
         if self.closed or self.stream_id is None:
             return
+        last = False
         if self._out:
             window = conn.local_flow_control_window(self.stream_id)
             if window <= 0:
@@ -120,8 +128,10 @@ class MessageStream:
             frame_size = conn.max_outbound_frame_size
             data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
             n = min(window, len(data))
+            last = n == len(data) and self._end_stream
             for start in range(0, n, frame_size):
-                conn.send_data(self.stream_id, data[start : min(n, start + frame_size)])
+                end = min(n, start + frame_size)
+                conn.send_data(self.stream_id, data[start:end], end_stream=last and end == n)
             rest = data[n:]
             self._out = [rest] if rest else []
             self._out_size = len(rest)
@@ -131,9 +141,19 @@ class MessageStream:
             ):
                 self._producer_paused = False
                 self._producer.resumeProducing()
-        if not self._out and self._end is not None:
+        if self._out:
+            return
+        if self._end_stream:
+            self._end_stream = False
+            if not last:
+                conn.end_stream(self.stream_id)
+            self.end_sent()
+        elif self._end is not None:
             send_end, self._end = self._end, None
             send_end()
+
+    def end_sent(self):
+        """Our side of the stream is closed (hook for subclasses)."""
 
     @property
     def queued_bytes(self):
@@ -200,6 +220,39 @@ class MessageStream:
         self._held = []
         self._end = None
         self._producer = None
+
+
+class _Connection(H2Connection):
+    """h2's H2Connection, with stream counting in amortized O(1).
+
+    h2 counts open streams by walking its whole stream table each time a stream
+    is opened (and forgets closed streams on the way), so opening N streams costs
+    O(N^2): 10,000 watch streams took 30 s. Here the walk runs only when the
+    table has doubled since the last one; in between, the count is the last
+    walk's plus the streams opened since (from the stream ids, which only grow).
+    That is an upper bound, so a concurrency limit is never exceeded; near the
+    limit the exact walk decides.
+    """
+
+    def __init__(self, config):
+        super().__init__(config=config)
+        self._walked = {}  # parity -> (open count, highest stream id) at the last walk
+        self._walk_at = 64
+
+    def _open_streams(self, remainder):
+        outbound = remainder == (1 if self.config.client_side else 0)
+        highest = self.highest_outbound_stream_id if outbound else self.highest_inbound_stream_id
+        highest = highest or 0
+        if len(self.streams) < self._walk_at and remainder in self._walked:
+            count, highest_then = self._walked[remainder]
+            bound = count + (highest - highest_then) // 2
+            settings = self.remote_settings if outbound else self.local_settings
+            if bound + 1 <= settings.max_concurrent_streams:
+                return bound
+        count = super()._open_streams(remainder)
+        self._walked[remainder] = (count, highest)
+        self._walk_at = max(64, 2 * len(self.streams))
+        return count
 
 
 def _pending_frame_length(conn):
@@ -285,7 +338,7 @@ class H2Protocol(Protocol):
             validate_inbound_headers=False,
             normalize_inbound_headers=False,
         )
-        self.conn = H2Connection(config=config)
+        self.conn = _Connection(config)
         limits = self.limits
         self.conn.local_settings = type(self.conn.local_settings)(
             client=self.client_side,

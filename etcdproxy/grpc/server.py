@@ -17,6 +17,7 @@ from etcdproxy.grpc.connection import H2Protocol, Limits, MessageStream
 from etcdproxy.grpc.metadata import application_metadata, parse_timeout
 from etcdproxy.grpc.status import GRPCError, StatusCode, encode_grpc_message
 
+_log = Logger()
 _CONTENT_TYPE = (b"content-type", b"application/grpc")
 _STATUS_200 = (b":status", b"200")
 _GRPC_STATUS = [b"%d" % code for code in range(17)]
@@ -69,7 +70,7 @@ class ServerCall(MessageStream):
         remaining = self.time_remaining()
         if remaining is not None:
             self._timer = self.protocol.reactor.callLater(max(0, remaining), self._deadline_expired)
-        handler.call_started(self)
+        self._invoke(handler.call_started, self)
 
     # -- handler API ------------------------------------------------------------
 
@@ -126,7 +127,19 @@ class ServerCall(MessageStream):
         self.close()
         if not self._ended:
             self._ended = True
-            self.handler.call_cancelled(error)
+            self._invoke(self.handler.call_cancelled, error)
+
+    def _invoke(self, method, *args):
+        """Calls the handler; a bug in it ends this call with INTERNAL, not the
+        connection (nor a call left hanging)."""
+        try:
+            method(*args)
+        except Exception:
+            _log.failure("handler {method} failed for {path}", method=method.__qualname__,
+                         path=self.method)
+            if not self._ended:
+                self._ended = True
+                self.finish(StatusCode.INTERNAL, "internal error in the proxy")
 
     def _cancel_timer(self):
         if self._timer is not None:
@@ -137,7 +150,8 @@ class ServerCall(MessageStream):
     # -- stream events ----------------------------------------------------------
 
     def _deliver(self, message):
-        self.handler.request_received(message)
+        if not self._ended:
+            self._invoke(self.handler.request_received, message)
 
     def _receive_failed(self, error):
         self._ended_by_us(error)
@@ -148,7 +162,7 @@ class ServerCall(MessageStream):
             return
         self._ended = True
         self.finish(error.code, error.message)
-        self.handler.call_cancelled(error)
+        self._invoke(self.handler.call_cancelled, error)
 
     def end_received(self):
         self._remote_closed = True
@@ -158,7 +172,7 @@ class ServerCall(MessageStream):
             # What etcd (grpc-go) answers for a stream that ends inside a message.
             self._ended_by_us(GRPCError(StatusCode.UNKNOWN, "unexpected EOF"))
             return
-        self.handler.half_closed()
+        self._invoke(self.handler.half_closed)
 
     def reset_received(self, error_code):
         self._end_abruptly(GRPCError(StatusCode.CANCELLED, "call cancelled by the client"))
