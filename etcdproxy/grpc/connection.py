@@ -124,6 +124,7 @@ class MessageStream:
         if self._out:
             window = conn.local_flow_control_window(self.stream_id)
             if window <= 0:
+                self.protocol._blocked.add(self)
                 return
             frame_size = conn.max_outbound_frame_size
             data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
@@ -133,6 +134,8 @@ class MessageStream:
                 end = min(n, start + frame_size)
                 conn.send_data(self.stream_id, data[start:end], end_stream=last and end == n)
             rest = data[n:]
+            if rest:
+                self.protocol._blocked.add(self)
             self._out = [rest] if rest else []
             self._out_size = len(rest)
             if (
@@ -315,7 +318,7 @@ class H2Protocol(Protocol):
         self.limits = limits
         self.streams = {}
         self._to_flush = set()
-        self._flush_all = False
+        self._blocked = set()  # streams with data queued but no window to send it
         self._batch = _WriteBatch.of(reactor)
         self._in_batch = False
         self._lost = False
@@ -384,41 +387,57 @@ class H2Protocol(Protocol):
                 batch.write_all()
 
     def _dispatch(self, event):
-        if isinstance(event, DataReceived):
-            self._conn_unacked += event.flow_controlled_length
-            if self._conn_unacked >= self.limits.connection_window // 4:
-                self.conn.increment_flow_control_window(self._conn_unacked)
-                self._conn_unacked = 0
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(self, event)
+
+    def _data_received(self, event):
+        self._conn_unacked += event.flow_controlled_length
+        if self._conn_unacked >= self.limits.connection_window // 4:
+            self.conn.increment_flow_control_window(self._conn_unacked)
+            self._conn_unacked = 0
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.data_received(event.data, event.flow_controlled_length)
+
+    def _stream_ended(self, event):
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.end_received()
+
+    def _stream_reset(self, event):
+        stream = self.streams.pop(event.stream_id, None)
+        if stream is not None:
+            stream.reset_received(event.error_code)
+
+    def _window_updated(self, event):
+        if event.stream_id:
             stream = self.streams.get(event.stream_id)
             if stream is not None:
-                stream.data_received(event.data, event.flow_controlled_length)
-        elif isinstance(event, RequestReceived):
-            self.request_received(event)
-        elif isinstance(event, ResponseReceived):
-            self.response_received(event)
-        elif isinstance(event, TrailersReceived):
-            self.trailers_received(event)
-        elif isinstance(event, StreamEnded):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None:
-                stream.end_received()
-        elif isinstance(event, StreamReset):
-            stream = self.streams.pop(event.stream_id, None)
-            if stream is not None:
-                stream.reset_received(event.error_code)
-        elif isinstance(event, WindowUpdated):
-            if event.stream_id:
-                stream = self.streams.get(event.stream_id)
-                if stream is not None:
-                    self._to_flush.add(stream)
-            else:
-                self._flush_all = True
-        elif isinstance(event, RemoteSettingsChanged):
-            self._flush_all = True
-        elif isinstance(event, ConnectionTerminated):
-            self.goaway_received(event)
-        elif isinstance(event, PingAckReceived):
-            self.ping_acked(event)
+                self._to_flush.add(stream)
+        else:
+            self._unblock()
+
+    def _settings_changed(self, event):
+        self._unblock()  # the initial stream window may have grown
+
+    def _unblock(self):
+        if self._blocked:
+            self._to_flush |= self._blocked
+            self._blocked = set()
+
+    _handlers = {
+        DataReceived: _data_received,
+        RequestReceived: lambda self, event: self.request_received(event),
+        ResponseReceived: lambda self, event: self.response_received(event),
+        TrailersReceived: lambda self, event: self.trailers_received(event),
+        StreamEnded: _stream_ended,
+        StreamReset: _stream_reset,
+        WindowUpdated: _window_updated,
+        RemoteSettingsChanged: _settings_changed,
+        ConnectionTerminated: lambda self, event: self.goaway_received(event),
+        PingAckReceived: lambda self, event: self.ping_acked(event),
+    }
 
     # -- writing ----------------------------------------------------------------
 
@@ -434,12 +453,7 @@ class H2Protocol(Protocol):
         if self._lost:
             return
         if not self._transport_paused:
-            if self._flush_all:
-                self._flush_all = False
-                streams = list(self.streams.values())
-            else:
-                streams = self._to_flush
-            self._to_flush = set()
+            streams, self._to_flush = self._to_flush, set()
             conn = self.conn
             for stream in streams:
                 try:
@@ -459,7 +473,6 @@ class H2Protocol(Protocol):
 
     def resumeProducing(self):
         self._transport_paused = False
-        self._flush_all = True
         self.schedule_flush(None)
 
     def stopProducing(self):
