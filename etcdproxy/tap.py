@@ -3,6 +3,7 @@
 import math
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.python import usage
 
 from etcdproxy.upstream.endpoints import parse_endpoints
@@ -95,6 +96,18 @@ class Options(usage.Options):
         self["listen-description"] = _listen_description(self["listen-addr"])
 
 
+class ProxyService(service.MultiService):
+    """The proxy's service tree. Children stop one after another, the last
+    added first: the gRPC server drains (unary calls in flight finish, streams
+    end with UNAVAILABLE) before the upstream connections they use close."""
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            yield defer.maybeDeferred(child.stopService)
+
+
 def makeService(options):
     # The reactor is imported here, not at module level: twistd installs it first.
     from twisted.internet import reactor
@@ -106,7 +119,7 @@ def makeService(options):
     from etcdproxy.grpc.service import GRPCServerService
     from etcdproxy.upstream.monitor import EndpointMonitor
 
-    top = service.MultiService()
+    top = ProxyService()
     monitor = EndpointMonitor(
         reactor,
         options["endpoints"],

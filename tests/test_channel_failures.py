@@ -62,8 +62,10 @@ class ChannelFailureTests(ServerTestMixin, unittest.TestCase):
         yield task.deferLater(reactor, 0.2, lambda: None)
         self.factory.drain(5)
         yield task.deferLater(reactor, 0.2, lambda: None)
-        self.assertEqual(len(self.events), 1)
-        self.assertIn("GOAWAY", self.events[0][1])
+        failures = [e for e in self.events if e[0] == "failure"]
+        self.assertEqual(len(failures), 1)
+        self.assertIn("GOAWAY", failures[0][1])
+        self.assertEqual(self.events[0], failures[0], "reported before the call ended")
         # new calls go to a new connection
         response = yield ch.unary_call(b"/test.Toy/Unary", b"abc", timeout=5)
         self.assertEqual(response, b"cba")

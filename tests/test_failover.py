@@ -54,6 +54,9 @@ class Handler:
     def call_cancelled(self, error):
         pass
 
+    def call_draining(self):
+        pass
+
 
 class Upstream:
     def __init__(self, name, mode="answer"):

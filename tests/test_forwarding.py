@@ -56,6 +56,9 @@ class UpstreamHandler:
     def call_cancelled(self, error):
         self.cancelled = error
 
+    def call_draining(self):
+        pass
+
 
 class ToyUpstream:
     def __init__(self):

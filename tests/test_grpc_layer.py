@@ -91,6 +91,11 @@ class ToyHandler:
         self.cancelled = error
         self.service.cancelled.append(error)
 
+    def call_draining(self):
+        # A call that would never end by itself ends when the server drains.
+        if self.kind == b"Hang":
+            self.call.finish(StatusCode.UNAVAILABLE, "draining")
+
 
 class ToyService:
     def __init__(self):
@@ -364,6 +369,32 @@ class ChannelTests(ServerTestMixin, unittest.TestCase):
         self.assertEqual(listener.messages, [b"slow"])
         yield drained
         self.assertEqual(self.factory.connections, set())
+
+    @defer.inlineCallbacks
+    def test_drain_ends_endless_calls_and_closes_promptly(self):
+        slow, endless = Collector(), Collector()
+        call = self.channel.start_call(b"/test.Toy/Slow", [], slow, timeout=5)
+        call.send_message(b"")
+        call.end()
+        self.channel.start_call(b"/test.Toy/Hang", [], endless, timeout=30)
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        started = reactor.seconds()
+        yield self.factory.drain(10)
+        self.assertLess(reactor.seconds() - started, 2)
+        error, _ = yield slow.done
+        self.assertIsNone(error)
+        error, _ = yield endless.done
+        self.assertEqual((error.code, error.message), (StatusCode.UNAVAILABLE, "draining"))
+
+    @defer.inlineCallbacks
+    def test_drain_timeout_ends_remaining_calls_unavailable(self):
+        listener = Collector()
+        call = self.channel.start_call(b"/test.Toy/ClientStream", [], listener, timeout=30)
+        call.send_message(b"a")  # never half-closed: the call stays open
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        yield self.factory.drain(0.3)
+        error, _ = yield listener.done
+        self.assertEqual((error.code, error.message), (StatusCode.UNAVAILABLE, "server shutting down"))
 
     @defer.inlineCallbacks
     def test_connect_failure_is_unavailable(self):

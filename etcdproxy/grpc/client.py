@@ -15,7 +15,6 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
-from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 
 import etcdproxy
@@ -234,11 +233,7 @@ class GRPCClientProtocol(H2Protocol):
             "upstream {peer} sent GOAWAY ({code!r}, {data!r})",
             peer=self.transport.getPeer(), code=event.error_code, data=event.additional_data,
         )
-        # h2 treats any GOAWAY as the end of the connection and would refuse the
-        # rest of the calls the server still finishes (those up to last_stream_id).
-        # Put its state machine back to open; `draining` keeps new calls off.
-        self.conn.state_machine.state = ConnectionState.CLIENT_OPEN
-        self.draining = True
+        self.draining = True  # no new calls here; those in flight may finish
         # Calls above last_stream_id were never seen by the server: safe to retry.
         self.channel.protocol_failed(self, f"GOAWAY ({event.error_code!r})")
         for sid, call in list(self.streams.items()):

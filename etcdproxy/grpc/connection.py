@@ -226,7 +226,8 @@ class MessageStream:
 
 
 class _Connection(H2Connection):
-    """h2's H2Connection, with stream counting in amortized O(1).
+    """h2's H2Connection, with stream counting in amortized O(1), and kept
+    open after a GOAWAY for the streams the peer still finishes.
 
     h2 counts open streams by walking its whole stream table each time a stream
     is opened (and forgets closed streams on the way), so opening N streams costs
@@ -241,6 +242,16 @@ class _Connection(H2Connection):
         super().__init__(config=config)
         self._walked = {}  # parity -> (open count, highest stream id) at the last walk
         self._walk_at = 64
+
+    def _receive_goaway_frame(self, frame):
+        # h2 treats any GOAWAY as the end of the connection and would refuse
+        # the frames that follow, even in the same read. HTTP/2 lets the
+        # streams up to last_stream_id finish, so the state is kept open; the
+        # protocol opens no new stream once it has seen the GOAWAY.
+        state = self.state_machine.state
+        result = super()._receive_goaway_frame(frame)
+        self.state_machine.state = state
+        return result
 
     def _open_streams(self, remainder):
         outbound = remainder == (1 if self.config.client_side else 0)

@@ -39,6 +39,11 @@ class ICallHandler(Interface):
         """The call ended without the handler finishing it: client cancel or
         reset, deadline, connection loss, or bad input (a `GRPCError`)."""
 
+    def call_draining():
+        """The server is shutting down gracefully. A call that would go on
+        indefinitely (a watch) should end now, e.g. with UNAVAILABLE so that the
+        client reconnects elsewhere; others may just complete."""
+
 
 class ServerCall(MessageStream):
     """One incoming call, as its handler sees it."""
@@ -114,12 +119,10 @@ class ServerCall(MessageStream):
 
     def _send_trailers(self, trailers):
         self.protocol.conn.send_headers(self.stream_id, trailers, end_stream=True)
-        if self._remote_closed:
-            self.protocol.stream_done(self)
-        else:
+        if not self._remote_closed:
             # The client may still be sending; tell it to stop (gRPC spec).
             self.protocol.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
-            self.close()
+        self.protocol.stream_done(self)
 
     def _end_abruptly(self, error):
         """The stream is gone (reset, connection lost): only the handler is told."""
@@ -128,6 +131,14 @@ class ServerCall(MessageStream):
         if not self._ended:
             self._ended = True
             self._invoke(self.handler.call_cancelled, error)
+
+    def draining(self):
+        if not self._ended:
+            self._invoke(self.handler.call_draining)
+
+    def abandon(self, code, message):
+        """Ends the call now with a status, telling the handler."""
+        self._ended_by_us(GRPCError(code, message))
 
     def _invoke(self, method, *args):
         """Calls the handler; a bug in it ends this call with INTERNAL, not the
@@ -266,8 +277,17 @@ class GRPCServerProtocol(H2Protocol):
             frame.last_stream_id = self._last_stream_id
             frame.error_code = ErrorCodes.NO_ERROR
             self.transport.write(frame.serialize())
+            for call in list(self.streams.values()):
+                call.draining()
             self._close_when_idle()
         return self._closed
+
+    def end_calls(self, code, message):
+        """Ends every open call with a status, then closes the connection."""
+        for call in list(self.streams.values()):
+            call.abandon(code, message)
+        self._flush_now()
+        self.close_after_writing()
 
     def stream_done(self, stream):
         super().stream_done(stream)
@@ -296,7 +316,8 @@ class GRPCServerFactory(Factory):
         return GRPCServerProtocol(self)
 
     def drain(self, timeout):
-        """GOAWAY to every connection; aborts those still open after ``timeout``."""
+        """GOAWAY to every connection; calls still open after ``timeout`` end
+        with UNAVAILABLE."""
         closed = [c.drain() for c in list(self.connections)]
         timer = self.reactor.callLater(timeout, self._abort_all)
         d = defer.DeferredList(closed)
@@ -309,4 +330,4 @@ class GRPCServerFactory(Factory):
 
     def _abort_all(self):
         for connection in list(self.connections):
-            connection.abort()
+            connection.end_calls(StatusCode.UNAVAILABLE, "server shutting down")

@@ -63,6 +63,13 @@ class ForwardedCall:
         if self.upstream_call is not None:
             self.upstream_call.cancel()
 
+    def call_draining(self):
+        # Unary calls complete; a stream would never end by itself, so it ends
+        # now and the client opens it again, on another proxy.
+        if not self._retryable:
+            self.call_cancelled(None)
+            self.call.finish(StatusCode.UNAVAILABLE, "proxy shutting down")
+
     # Upstream side.
     def headers_received(self, metadata):
         self._relayed = True
