@@ -124,7 +124,7 @@ class MessageStream:
         if self._out:
             window = conn.local_flow_control_window(self.stream_id)
             if window <= 0:
-                self.protocol._blocked.add(self)
+                self.protocol.stream_blocked(self)
                 return
             frame_size = conn.max_outbound_frame_size
             data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
@@ -135,7 +135,7 @@ class MessageStream:
                 conn.send_data(self.stream_id, data[start:end], end_stream=last and end == n)
             rest = data[n:]
             if rest:
-                self.protocol._blocked.add(self)
+                self.protocol.stream_blocked(self)
             self._out = [rest] if rest else []
             self._out_size = len(rest)
             if (
@@ -431,6 +431,10 @@ class H2Protocol(Protocol):
 
     def _settings_changed(self, event):
         self._unblock()  # the initial stream window may have grown
+
+    def stream_blocked(self, stream):
+        """``stream`` has data queued that the peer's windows hold back."""
+        self._blocked.add(stream)
 
     def _unblock(self):
         if self._blocked:
