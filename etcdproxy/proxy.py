@@ -2,6 +2,7 @@
 
 from etcdproxy.services.catalog import METHOD_PATHS, unknown_method_error
 from etcdproxy.services.forward import ForwardedCall
+from etcdproxy.services.watch import WATCH_PATH, ResumableWatch
 
 
 class ProxyRouter:
@@ -11,4 +12,6 @@ class ProxyRouter:
     def __call__(self, path):
         if path not in METHOD_PATHS:
             raise unknown_method_error(path)
+        if path == WATCH_PATH:
+            return ResumableWatch(self.upstream)
         return ForwardedCall(self.upstream)

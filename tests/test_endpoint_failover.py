@@ -360,3 +360,45 @@ class EndpointFailoverTests(ClassFixtureTestCase):
         proxy = self.proxy("--endpoint-policy=weighted",
                            endpoints=["%s=3" % eps[0], "%s=2" % eps[1], "http://%s=1" % eps[2]])
         self.assertEqual(self.ranges(self.stubs(proxy.address), 60), [30, 20, 10])
+
+    # -- watch streams ----------------------------------------------------------
+
+    def test_watches_resume_on_another_member_after_sigkill(self):
+        """Watch streams through the proxy survive the death of the member they
+        were opened on: every watcher gets every event exactly once, in order,
+        and no error."""
+        proxy = self.proxy()
+        stubs = self.stubs(proxy.address)
+        used = self.used_member(stubs)
+        self.move_leader((used + 1) % 3)  # no election: only the watch path is tested
+        writer = self.direct[(used + 2) % 3]
+        key = self.key()
+        streams = []
+        for _ in range(10):
+            s = Stream(stubs.watch.Watch)
+            self.addCleanup(s.close)
+            for create in (R.WatchCreateRequest(key=key),
+                           R.WatchCreateRequest(key=key[:-1], range_end=key[:-1] + b"\xff", prev_kv=True)):
+                s.send(R.WatchRequest(create_request=create))
+                self.assertTrue(s.recv().created)
+            streams.append(s)
+        revisions = []
+        for n in range(300):
+            if n == 100:
+                self.etcd.kill(used)
+                killed_at = time.monotonic()
+            revisions.append(writer.kv.Put(R.PutRequest(key=key, value=b"%d" % n)).header.revision)
+            time.sleep(0.005)
+        report("puts after the kill took", time.monotonic() - killed_at)
+        for i, s in enumerate(streams):
+            seen = collections.defaultdict(list)
+            deadline = time.monotonic() + 20
+            while any(len(seen[w]) < len(revisions) for w in (0, 1)) and time.monotonic() < deadline:
+                r = s.recv(timeout=max(0.1, deadline - time.monotonic()))
+                self.assertFalse(r.canceled, "stream %d: watch %d canceled: %r" % (i, r.watch_id, r))
+                self.assertFalse(r.created, "stream %d: a second 'created' for watch %d" % (i, r.watch_id))
+                seen[r.watch_id] += [e.kv.mod_revision for e in r.events]
+            self.assertEqual(sorted(seen), [0, 1])
+            for watch_id in (0, 1):
+                self.assertEqual(seen[watch_id], revisions, "stream %d watch %d" % (i, watch_id))
+            self.assertIsNone(s.error)
