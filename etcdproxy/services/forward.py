@@ -19,6 +19,7 @@ from etcdproxy.grpc.client import IClientCallListener
 from etcdproxy.grpc.server import ICallHandler
 from etcdproxy.grpc.status import GRPCError, StatusCode
 from etcdproxy.services.catalog import READ_ONLY_PATHS, UNARY_PATHS
+from etcdproxy.services.relay import open_upstream
 
 # Pauses before each further attempt: the first retry goes at once (another
 # endpoint), later ones give etcd a moment (e.g. "leader changed" in an election).
@@ -92,18 +93,14 @@ class ForwardedCall:
 
     # Failover.
     def _start_upstream(self, avoid):
-        call = self.call
         try:
-            self._channel = self.upstream.pick(avoid)
+            self._channel, upstream_call = open_upstream(self.upstream, self.call, self, avoid)
         except GRPCError as e:
-            call.finish(e.code, e.message)
+            self.call.finish(e.code, e.message)
             return
-        upstream_call = self._channel.start_call(call.method, call.metadata, self, call.time_remaining())
-        if upstream_call.closed:
-            return  # refused at once; call_finished has run
+        if upstream_call is None:
+            return
         self.upstream_call = upstream_call
-        call.registerProducer(upstream_call)
-        upstream_call.registerProducer(call)
         if self._request is not None:
             upstream_call.send_message(self._request)
         if self._half_closed:

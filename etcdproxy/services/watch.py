@@ -21,6 +21,7 @@ from etcdproxy.grpc.client import IClientCallListener
 from etcdproxy.grpc.server import ICallHandler
 from etcdproxy.grpc.status import GRPCError, StatusCode
 from etcdproxy.pb.etcdserverpb import rpc_pb2
+from etcdproxy.services.relay import open_upstream
 
 WATCH_PATH = b"/etcdserverpb.Watch/Watch"
 # Pauses before each attempt to open the stream again (the first one at once).
@@ -138,19 +139,12 @@ class ResumableWatch:
     # Resumption.
     def _open_upstream(self, avoid):
         try:
-            self._channel = self.upstream.pick(avoid)
+            self._channel, self.upstream_call = open_upstream(self.upstream, self.call, self, avoid)
         except GRPCError as e:  # no endpoint can take it: say so at once
             self._ended = True
             self.call.finish(e.code, e.message)
             return False
-        upstream_call = self._channel.start_call(
-            WATCH_PATH, self.call.metadata, self, self.call.time_remaining())
-        if upstream_call.closed:
-            return False  # refused at once; call_finished has run
-        self.upstream_call = upstream_call
-        self.call.registerProducer(upstream_call)
-        upstream_call.registerProducer(self.call)
-        return True
+        return self.upstream_call is not None
 
     def _resume(self):
         self._timer = None
