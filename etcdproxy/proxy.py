@@ -2,6 +2,7 @@
 
 from etcdproxy.services.catalog import METHOD_PATHS, unknown_method_error
 from etcdproxy.services.forward import ForwardedCall
+from etcdproxy.services.lease import KEEPALIVE_PATH, ResumableKeepAlive
 from etcdproxy.services.watch import WATCH_PATH, ResumableWatch
 
 
@@ -14,4 +15,6 @@ class ProxyRouter:
             raise unknown_method_error(path)
         if path == WATCH_PATH:
             return ResumableWatch(self.upstream)
+        if path == KEEPALIVE_PATH:
+            return ResumableKeepAlive(self.upstream)
         return ForwardedCall(self.upstream)

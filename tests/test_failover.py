@@ -19,8 +19,8 @@ from etcdproxy.upstream.monitor import STATUS, EndpointMonitor
 
 RANGE = "/etcdserverpb.KV/Range"
 PUT = "/etcdserverpb.KV/Put"
-# A bidi stream relayed as it is (Watch streams have their own handler).
-KEEPALIVE = "/etcdserverpb.Lease/LeaseKeepAlive"
+# A stream relayed as it is (Watch and LeaseKeepAlive streams have their own handlers).
+OBSERVE = "/v3electionpb.Election/Observe"
 
 
 @implementer(ICallHandler)
@@ -154,7 +154,7 @@ class FailoverTests(unittest.TestCase):
 
         def run():
             with grpc.insecure_channel(self.address) as channel:
-                method = channel.stream_stream(KEEPALIVE, request_serializer=_identity,
+                method = channel.stream_stream(OBSERVE, request_serializer=_identity,
                                                response_deserializer=_identity)
                 try:
                     list(method(iter([b"x"]), timeout=5))

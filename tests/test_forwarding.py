@@ -19,8 +19,8 @@ from etcdproxy.upstream.endpoints import parse_endpoint
 from etcdproxy.upstream.monitor import STATUS, EndpointMonitor
 
 RANGE = "/etcdserverpb.KV/Range"
-# A bidi stream relayed as it is (Watch streams have their own handler).
-KEEPALIVE = "/etcdserverpb.Lease/LeaseKeepAlive"
+# A stream relayed as it is (Watch and LeaseKeepAlive streams have their own handlers).
+OBSERVE = "/v3electionpb.Election/Observe"
 
 
 @implementer(ICallHandler)
@@ -132,7 +132,7 @@ class ForwardingTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_deadline_releases_the_upstream_call(self):
         def run(ch):
-            method = ch.stream_stream(KEEPALIVE, request_serializer=_identity, response_deserializer=_identity)
+            method = ch.stream_stream(OBSERVE, request_serializer=_identity, response_deserializer=_identity)
             try:
                 list(method(iter([b"x"]), timeout=0.3))
             except grpc.RpcError as e:
@@ -146,7 +146,7 @@ class ForwardingTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_client_cancel_releases_the_upstream_call(self):
         def run(ch):
-            method = ch.stream_stream(KEEPALIVE, request_serializer=_identity, response_deserializer=_identity)
+            method = ch.stream_stream(OBSERVE, request_serializer=_identity, response_deserializer=_identity)
             call = method(iter([b"x"]), timeout=30)
             threading.Event().wait(0.3)
             call.cancel()
@@ -162,7 +162,7 @@ class ForwardingTests(unittest.TestCase):
         self.upstream.abort_on_start = True
 
         def run(ch):
-            method = ch.stream_stream(KEEPALIVE, request_serializer=_identity, response_deserializer=_identity)
+            method = ch.stream_stream(OBSERVE, request_serializer=_identity, response_deserializer=_identity)
             try:
                 list(method(iter([b"x"]), timeout=10))
             except grpc.RpcError as e:
