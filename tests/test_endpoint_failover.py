@@ -393,14 +393,41 @@ class EndpointFailoverTests(ClassFixtureTestCase):
                 s.send(R.WatchRequest(create_request=create))
                 self.assertTrue(s.recv().created)
             streams.append(s)
+        # Meanwhile: reads and writes through the proxy, and a lease kept alive.
+        lease = stubs.lease.LeaseGrant(R.LeaseGrantRequest(TTL=5)).ID
+        keepalive = Stream(stubs.lease_stream.LeaseKeepAlive)
+        self.addCleanup(keepalive.close)
+        load = self.load(proxy.address)
         revisions = []
         for n in range(300):
             if n == 100:
                 stop_member(used)
                 killed_at = time.monotonic()
             revisions.append(writer.kv.Put(R.PutRequest(key=key, value=b"%d" % n)).header.revision)
+            if n % 50 == 0:  # a keep-alive every ~0.5 s, as a client would
+                keepalive.send(R.LeaseKeepAliveRequest(ID=lease))
             time.sleep(0.005)
         report("%s: puts after it took" % how, time.monotonic() - killed_at)
+        load.stop()
+        self.assertEqual(load.failures("read"), [])
+        self.assertEqual(load.failures("serializable-read"), [])
+        # Keep the lease alive past its TTL after the failure (the failover, up
+        # to 3 s for SIGSTOP, is shorter than the TTL).
+        while time.monotonic() < killed_at + 6.5:
+            keepalive.send(R.LeaseKeepAliveRequest(ID=lease))
+            time.sleep(0.5)
+        answers = []
+        while True:
+            try:
+                answers.append(keepalive.recv(timeout=1.0))
+            except AssertionError:
+                break
+        self.assertIsNone(keepalive.error)
+        self.assertTrue(answers and all(a.ID == lease and a.TTL > 0 for a in answers), answers[-3:])
+        self.assertTrue(any(a.header.member_id != self.member_ids[used] for a in answers),
+                        "no keep-alive answered by another member")
+        ttl = writer.lease.LeaseTimeToLive(R.LeaseTimeToLiveRequest(ID=lease)).TTL
+        self.assertGreater(ttl, 0, "the kept-alive lease expired")
         for i, s in enumerate(streams):
             seen = collections.defaultdict(list)
             deadline = time.monotonic() + 20
