@@ -440,3 +440,35 @@ class EndpointFailoverTests(ClassFixtureTestCase):
             for watch_id in (0, 1):
                 self.assertEqual(seen[watch_id], revisions, "stream %d watch %d" % (i, watch_id))
             self.assertIsNone(s.error)
+
+    def test_watch_resumed_at_a_compacted_revision_is_told_as_etcd_tells(self):
+        """A watch whose next revision was compacted while its member was
+        frozen gets etcd's own answer: canceled, with compact_revision."""
+        proxy = self.proxy()
+        stubs = self.stubs(proxy.address)
+        used = self.used_member(stubs)
+        self.move_leader((used + 1) % 3)
+        writer = self.direct[(used + 2) % 3]
+        key = self.key()
+        watch = Stream(stubs.watch.Watch)
+        self.addCleanup(watch.close)
+        watch.send(R.WatchRequest(create_request=R.WatchCreateRequest(key=key)))
+        self.assertTrue(watch.recv().created)
+        first = writer.kv.Put(R.PutRequest(key=key, value=b"a")).header.revision
+        self.assertEqual([e.kv.mod_revision for e in watch.recv().events], [first])
+        self.etcd.pause(used)
+        writer.kv.Put(R.PutRequest(key=key, value=b"b"))
+        last = writer.kv.Put(R.PutRequest(key=key, value=b"c")).header.revision
+        writer.kv.Compact(R.CompactionRequest(revision=last, physical=True))
+        answer = watch.recv(timeout=10)  # after the health check notices the frozen member
+        self.assertTrue(answer.canceled, answer)
+        self.assertFalse(answer.created, answer)
+        self.assertEqual(answer.compact_revision, last)
+        self.assertEqual(list(answer.events), [])
+        # etcd itself, asked for the same revision directly:
+        direct = Stream(writer.watch.Watch)
+        self.addCleanup(direct.close)
+        direct.send(R.WatchRequest(create_request=R.WatchCreateRequest(key=key, start_revision=first + 1)))
+        responses = [direct.recv(), direct.recv()]
+        self.assertEqual([(r.created, r.canceled, r.compact_revision) for r in responses],
+                         [(True, False, 0), (False, True, last)])
