@@ -51,6 +51,7 @@ except ImportError:
 sys.path.insert(0, REPO)
 from tests.support.etcd import parse_metrics  # noqa: E402
 from tests.support.ports import free_ports  # noqa: E402
+from tests.support.process import stop_process  # noqa: E402
 from tests.support.proxy import ProxyProcess  # noqa: E402
 
 BIN_DIR = os.path.join(BENCH_DIR, ".build", "bin")
@@ -143,19 +144,7 @@ def _read(path):
 
 
 def _stop(proc, grace=10.0):
-    if proc is None or proc.poll() is not None:
-        return None if proc is None else proc.returncode
-    for sig in (signal.SIGCONT, signal.SIGTERM):
-        try:
-            proc.send_signal(sig)
-        except OSError:
-            pass
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    return proc.returncode
+    return stop_process(proc, grace)
 
 
 def _clean_env():

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 import uuid
 
+from tests.support.process import stop_process
 from tests.support.ports import free_ports
 
 __all__ = ["EtcdCluster", "ETCD_BINARY", "parse_metrics"]
@@ -66,28 +67,6 @@ def _tail(path, nbytes=4000):
 def _http_get(url, timeout=2.0):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return r.read().decode("utf-8", "replace")
-
-
-def _stop_process(proc, grace):
-    """SIGCONT, SIGTERM, then SIGKILL after ``grace`` seconds; reaps it.
-    Returns the exit code."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        for sig in (signal.SIGCONT, signal.SIGTERM):
-            try:
-                proc.send_signal(sig)
-            except OSError:
-                pass
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            try:
-                proc.kill()
-            except OSError:
-                pass
-            proc.wait(timeout=10)
-    return proc.returncode
 
 
 _METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})?\s+(\S+)(\s+\S+)?\s*$")
@@ -186,7 +165,7 @@ class EtcdCluster(object):
             return
         for m in self.members:
             try:
-                _stop_process(m.proc, STOP_GRACE)
+                stop_process(m.proc, STOP_GRACE)
             finally:
                 if m.logfile is not None:
                     m.logfile.close()
@@ -294,7 +273,7 @@ class EtcdCluster(object):
 
     def terminate(self, i):
         """Graceful stop of member ``i`` (SIGTERM, SIGKILL after a few s)."""
-        _stop_process(self.members[i].proc, STOP_GRACE)
+        stop_process(self.members[i].proc, STOP_GRACE)
 
     def pause(self, i):
         self.members[i].proc.send_signal(signal.SIGSTOP)

@@ -10,7 +10,6 @@ repo root); kind="go" runs ``etcd grpc-proxy start`` (the reference proxy).
 import atexit
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import threading
 import time
 
 from tests.support.ports import free_port
+from tests.support.process import stop_process
 
 __all__ = ["ProxyProcess", "REPO_ROOT", "KINDS"]
 
@@ -139,19 +139,7 @@ class ProxyProcess(object):
     def stop(self):
         """SIGTERM, SIGKILL after 10 s; returns the exit code. Idempotent."""
         if self.proc is not None:
-            p = self.proc
-            if p.poll() is None:
-                for sig in (signal.SIGCONT, signal.SIGTERM):
-                    try:
-                        p.send_signal(sig)
-                    except OSError:
-                        pass
-                try:
-                    p.wait(timeout=STOP_GRACE)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(timeout=10)
-            self.returncode = p.returncode
+            self.returncode = stop_process(self.proc, STOP_GRACE)
             self.proc = None
         if self._out is not None:
             self._out.close()
