@@ -6,6 +6,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.python import usage
 
+from etcdproxy.services.watch_responses import DEFAULT_FRAGMENT_SIZE
 from etcdproxy.upstream.endpoints import parse_endpoints
 from etcdproxy.upstream.policy import POLICIES
 
@@ -74,6 +75,18 @@ class Options(usage.Options):
          "0.5 s and double)", float],
         ["drain-timeout", None, 10.0,
          "seconds that calls in flight may take to finish on shutdown", float],
+        ["watch-send-buffer", None, 4 * 1024 * 1024,
+         "bytes of watch responses that may wait for a client that does not read; past "
+         "them its Watch stream ends with RESOURCE_EXHAUSTED", int],
+        ["watch-fragment-size", None, DEFAULT_FRAGMENT_SIZE,
+         "size at which watch responses are split for watchers created with fragment=true "
+         "(etcd's: its --max-request-bytes + 512 KiB)", int],
+    ]
+    optFlags = [
+        ["watch-exact", None,
+         "watches with no start revision start exactly at etcd's current revision (one "
+         "serializable count read at etcd per such watch); without it they may start "
+         "slightly behind. A stream can ask for it with metadata etcdproxy-watch-exact: true"],
     ]
 
     def postOptions(self):
@@ -90,7 +103,8 @@ class Options(usage.Options):
         if self["upstream-keepalive-interval"] < 5:
             raise usage.UsageError("--upstream-keepalive-interval must be at least 5 (etcd's minimum)")
         for name in ("upstream-keepalive-timeout", "upstream-connect-timeout", "health-check-interval",
-                     "health-check-timeout", "endpoint-probe-max-interval"):
+                     "health-check-timeout", "endpoint-probe-max-interval", "watch-send-buffer",
+                     "watch-fragment-size"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         self["listen-description"] = _listen_description(self["listen-addr"])
@@ -117,6 +131,7 @@ def makeService(options):
     from etcdproxy.grpc.connection import Limits
     from etcdproxy.grpc.server import GRPCServerFactory
     from etcdproxy.grpc.service import GRPCServerService
+    from etcdproxy.services.broadcast import WatchBroadcaster
     from etcdproxy.upstream.monitor import EndpointMonitor
 
     top = ProxyService()
@@ -138,7 +153,11 @@ def makeService(options):
         max_send_message=options["max-send-bytes"],
         max_concurrent_streams=options["max-concurrent-streams"],
     )
-    factory = GRPCServerFactory(ProxyRouter(monitor), reactor, limits)
+    watches = WatchBroadcaster(
+        monitor, exact=options["watch-exact"], send_buffer=options["watch-send-buffer"],
+        fragment_size=options["watch-fragment-size"])
+    watches.setServiceParent(top)
+    factory = GRPCServerFactory(ProxyRouter(monitor, watches), reactor, limits)
     server = GRPCServerService(
         serverFromString(reactor, options["listen-description"]), factory, options["drain-timeout"]
     )

@@ -1,7 +1,8 @@
 """A client that stops reading its watch stream: the proxy's memory stays
-bounded (flow control holds etcd back), other streams on the same connection
-and other clients keep being served, and once the reader resumes it gets
-every event, in order."""
+bounded (the stream is ended once --watch-send-buffer bytes wait for it),
+other streams on the same connection and other clients keep being served, and
+once the reader resumes it gets the events that were on their way, in order,
+then a clear RESOURCE_EXHAUSTED status."""
 
 import time
 
@@ -71,19 +72,21 @@ class StalledWatchReaderTests(targets.EtcdProxyTestCase):
         self.assertLess(growth, 8 * 1024 * 1024, "proxy RSS grew by %d bytes" % growth)
         self.assertLess(len(raw.responses[sid].data), 2 * 1024 * 1024)
 
-        # The reader resumes: every event arrives, in order, none twice.
+        # The reader resumes: the events that were on their way arrive in
+        # order, none twice, then the status that says why the stream ended.
         raw.stalled.discard(sid)
         pending = len(raw.responses[sid].data)
         raw.conn.acknowledge_received_data(pending, sid)
         raw.flush()
-        revisions, offset = [], 0
-        deadline = time.monotonic() + 60
-        while len(revisions) < PUTS and time.monotonic() < deadline:
-            raw._pump(0.2)
-            messages, offset = _complete_messages(raw.responses[sid].data, offset)
-            revisions += [e.kv.mod_revision for m in messages
-                          for e in R.WatchResponse.FromString(m).events]
-        self.assertEqual(revisions, list(range(first, first + PUTS)))
+        raw.wait(sid, timeout=30)
+        messages, _ = _complete_messages(raw.responses[sid].data, 0)
+        revisions = [e.kv.mod_revision for m in messages
+                     for e in R.WatchResponse.FromString(m).events]
+        self.assertEqual(revisions, list(range(first, first + len(revisions))))
+        self.assertLess(len(revisions), PUTS)
+        code, message = raw.responses[sid].status
+        self.assertEqual(code, 8, message)  # RESOURCE_EXHAUSTED
+        self.assertIn("watch stream not read", message)
 
 
 def _complete_messages(data, offset):

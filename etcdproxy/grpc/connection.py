@@ -70,6 +70,7 @@ class MessageStream:
         self.decoder = MessageDecoder(limits.max_receive_message, encoding)
         self._out = []
         self._out_size = 0
+        self._head_tail = 0  # unsent bytes of a message partly sent, at the head of _out
         self._end = None  # callable that sends what ends our side, after the queue
         self._end_stream = False  # END_STREAM on the last queued DATA frame
         self._producer = None
@@ -136,6 +137,9 @@ class MessageStream:
             rest = data[n:]
             if rest:
                 self.protocol.stream_blocked(self)
+                self._head_tail = _tail_after(data, self._head_tail, n)
+            else:
+                self._head_tail = 0
             self._out = [rest] if rest else []
             self._out_size = len(rest)
             if (
@@ -161,6 +165,14 @@ class MessageStream:
     @property
     def queued_bytes(self):
         return self._out_size
+
+    def discard_unsent(self):
+        """Drops the queued messages not yet begun; the rest of one partly
+        sent still goes, so that the peer can read what comes after it."""
+        if self._out:
+            data = b"".join(self._out)
+            self._out = [data[:self._head_tail]] if self._head_tail else []
+            self._out_size = self._head_tail
 
     # -- inbound ----------------------------------------------------------------
 
@@ -223,6 +235,15 @@ class MessageStream:
         self._held = []
         self._end = None
         self._producer = None
+
+
+def _tail_after(data, head_tail, sent):
+    """How many bytes of the message cut at ``sent`` remain in ``data`` (gRPC
+    frames, the first ``head_tail`` bytes being the end of an earlier one)."""
+    position = head_tail
+    while position < sent:
+        position += 5 + int.from_bytes(data[position + 1:position + 5], "big")
+    return position - sent
 
 
 class _Connection(H2Connection):

@@ -137,7 +137,10 @@ class ServerCall(MessageStream):
             self._invoke(self.handler.call_draining)
 
     def abandon(self, code, message):
-        """Ends the call now with a status, telling the handler."""
+        """Ends the call now with a status, telling the handler; messages not
+        yet sent are dropped (a peer that does not read still gets the status
+        as soon as it reads again)."""
+        self.discard_unsent()
         self._ended_by_us(GRPCError(code, message))
 
     def _invoke(self, method, *args):

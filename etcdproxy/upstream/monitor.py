@@ -33,6 +33,8 @@ from etcdproxy.grpc.client import Channel
 from etcdproxy.grpc.connection import Limits
 from etcdproxy.grpc.status import GRPCError, StatusCode
 from etcdproxy.pb.etcdserverpb import rpc_pb2
+
+NO_ENDPOINT = "no healthy etcd endpoint"
 from etcdproxy.upstream.policy import make_policy
 
 STATUS = b"/etcdserverpb.Maintenance/Status"
@@ -160,8 +162,12 @@ class EndpointMonitor(service.Service):
             return member.channel
         candidates = [m for m in self.members if not m.down and m.channel not in avoid]
         if not candidates:
-            raise GRPCError(StatusCode.UNAVAILABLE, "no healthy etcd endpoint")
+            raise GRPCError(StatusCode.UNAVAILABLE, NO_ENDPOINT)
         return min(candidates, key=lambda m: m.failed_at).channel
+
+    def can_serve(self):
+        """Whether `pick` would find an endpoint now."""
+        return bool(self._pool) or any(not m.down for m in self.members)
 
     def snapshot(self):
         """The monitor's state, for the metrics and health endpoints."""
