@@ -472,3 +472,36 @@ class EndpointFailoverTests(ClassFixtureTestCase):
         responses = [direct.recv(), direct.recv()]
         self.assertEqual([(r.created, r.canceled, r.compact_revision) for r in responses],
                          [(True, False, 0), (False, True, last)])
+
+    # -- hasleader -----------------------------------------------------------------
+
+    def test_hasleader_watch_ends_as_etcd_ends_it_when_the_cluster_has_no_leader(self):
+        """With two members of three gone, a ``hasleader: true`` watch stream
+        through the proxy ends as one opened directly on the survivor does
+        (UNAVAILABLE "etcdserver: no leader"); a plain watch stream stays open."""
+        proxy = self.proxy()
+        stubs = self.stubs(proxy.address)
+        used = self.used_member(stubs)
+        key = self.key()
+        hasleader = (("hasleader", "true"),)
+        watches = {
+            "proxied": Stream(stubs.watch.Watch, metadata=hasleader),
+            "direct": Stream(self.direct[used].watch.Watch, metadata=hasleader),
+            "plain": Stream(stubs.watch.Watch),
+        }
+        for s in watches.values():
+            self.addCleanup(s.close)
+            s.send(R.WatchRequest(create_request=R.WatchCreateRequest(key=key)))
+            self.assertTrue(s.recv().created)
+        for i in range(3):
+            if i != used:
+                self.etcd.kill(i)
+        lost_at = time.monotonic()
+        errors = {name: watches[name].wait_end(timeout=30) for name in ("direct", "proxied")}
+        report("hasleader watch ended after", time.monotonic() - lost_at)
+        self.assertEqual((errors["proxied"].code(), errors["proxied"].details()),
+                         (errors["direct"].code(), errors["direct"].details()))
+        self.assertEqual(errors["direct"].code(), grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(errors["direct"].details(), "etcdserver: no leader")
+        watches["plain"].expect_nothing(1.0)
+        self.assertIsNone(watches["plain"].error)

@@ -285,7 +285,7 @@ class ManyWatchersTests(GrpcioTestCase):
     CONNECTIONS = 10
     STREAMS = 100  # 10 per connection
     WATCHERS = 1000  # 10 per stream
-    PUTS = 300
+    PUTS = 100
 
     def test_one_watcher_at_etcd_for_a_thousand(self):
         key = self.key("k")

@@ -65,7 +65,7 @@ class EventBatch:
             if min_revision > self.last_revision:
                 return ()
             cut = next(i for i, e in enumerate(self.events) if e.kv.mod_revision >= min_revision)
-        key = (excluded, cut, prefix_size if fragment_size else -1)
+        key = (excluded, cut, prefix_size, fragment_size) if fragment_size else (excluded, cut)
         bodies = self._bodies.get(key)
         if bodies is None:
             bodies = self._bodies[key] = self._make_bodies(excluded, cut, prefix_size, fragment_size)
