@@ -11,7 +11,7 @@ setup(
     # Twisted's own plugin package instead of shadowing it.
     package_data={"twisted": ["plugins/etcdgrpcproxy.py"]},
     install_requires=[
-        "twisted>=22.4",
+        "twisted[tls]>=22.4",  # pyOpenSSL, service-identity, idna
         "h2>=4.1",
         "protobuf>=4.21",
         "zope.interface",

@@ -1,12 +1,16 @@
 """twistd plugin body: the command-line options and the service tree."""
 
 import math
+import os
+
+from OpenSSL import crypto
 
 from twisted.application import service
 from twisted.internet import defer
 from twisted.python import usage
 
 from etcdproxy.services.watch_responses import DEFAULT_FRAGMENT_SIZE
+from etcdproxy.tls import TLS_VERSIONS, ClientTLS, ServerTLSOptions, self_signed
 from etcdproxy.upstream.endpoints import parse_endpoints
 from etcdproxy.upstream.policy import POLICIES
 
@@ -81,8 +85,28 @@ class Options(usage.Options):
         ["watch-fragment-size", None, DEFAULT_FRAGMENT_SIZE,
          "size at which watch responses are split for watchers created with fragment=true "
          "(etcd's: its --max-request-bytes + 512 KiB)", int],
+        # TLS toward clients
+        ["cert-file", None, None, "serve clients over TLS with this certificate (PEM, may hold its chain)"],
+        ["key-file", None, None, "the private key of --cert-file (PEM)"],
+        ["trusted-ca-file", None, None,
+         "require client certificates, verified against this CA bundle (PEM)"],
+        ["client-crl-file", None, None, "refuse client certificates revoked by this CRL (PEM)"],
+        ["listen-cipher-suites", None, None,
+         "comma-separated TLS 1.0-1.2 cipher suites offered to clients, Go's names (e.g. "
+         "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256); default: OpenSSL's secure set"],
+        ["tls-min-version", None, "TLS1.2", "lowest TLS version accepted from clients: "
+         + ", ".join(TLS_VERSIONS)],
+        ["tls-max-version", None, None, "highest TLS version accepted from clients (default: the highest)"],
+        ["data-dir", None, "default.proxy", "directory for persistent data (--auto-tls certificates)"],
+        # TLS toward etcd (https:// endpoints)
+        ["cacert", None, None, "verify etcd's certificates with this CA bundle (default: the system's)"],
+        ["cert", None, None, "client certificate presented to etcd (PEM)"],
+        ["key", None, None, "the private key of --cert (PEM)"],
     ]
     optFlags = [
+        ["auto-tls", None, "serve clients over TLS with a self-signed certificate kept in --data-dir"],
+        ["insecure-skip-tls-verify", None,
+         "do not verify etcd's certificates (CAUTION: for testing only)"],
         ["watch-exact", None,
          "watches with no start revision start exactly at etcd's current revision (one "
          "serializable count read at etcd per such watch); without it they may start "
@@ -98,8 +122,6 @@ class Options(usage.Options):
             self["endpoints"] = parse_endpoints(self["endpoints"])
         except ValueError as e:
             raise usage.UsageError(f"--endpoints: {e}")
-        if any(e.tls for e in self["endpoints"]):
-            raise usage.UsageError("--endpoints: https:// endpoints (TLS toward etcd) are not implemented yet")
         if self["upstream-keepalive-interval"] < 5:
             raise usage.UsageError("--upstream-keepalive-interval must be at least 5 (etcd's minimum)")
         for name in ("upstream-keepalive-timeout", "upstream-connect-timeout", "health-check-interval",
@@ -108,6 +130,32 @@ class Options(usage.Options):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         self["listen-description"] = _listen_description(self["listen-addr"])
+        self._tls()
+
+    def _tls(self):
+        """Loads the certificates now, so that a bad file stops the start with a clear message."""
+        for first, second in (("cert-file", "key-file"), ("cert", "key")):
+            if bool(self[first]) != bool(self[second]):
+                raise usage.UsageError(f"--{first} and --{second} go together")
+        for name in ("tls-min-version", "tls-max-version"):
+            if self[name] is not None and self[name] not in TLS_VERSIONS:
+                raise usage.UsageError(f"--{name} must be one of {', '.join(TLS_VERSIONS)}")
+        cert_file, key_file = self["cert-file"], self["key-file"]
+        if not cert_file and self["auto-tls"]:
+            host = self["listen-addr"].rpartition(":")[0].strip("[]") or "127.0.0.1"
+            directory = os.path.join(self["data-dir"], "fixtures", "proxy")
+            cert_file, key_file = self_signed(directory, sorted({host, "localhost"}))
+        if not cert_file and (self["trusted-ca-file"] or self["client-crl-file"]):
+            raise usage.UsageError("--trusted-ca-file and --client-crl-file need --cert-file or --auto-tls")
+        suites = [c.strip() for c in (self["listen-cipher-suites"] or "").split(",") if c.strip()]
+        try:
+            self["server-tls"] = cert_file and ServerTLSOptions(
+                cert_file, key_file, self["trusted-ca-file"], self["client-crl-file"],
+                self["tls-min-version"], self["tls-max-version"], suites)
+            self["client-tls"] = ClientTLS(self["cacert"], self["cert"], self["key"],
+                                           self["insecure-skip-tls-verify"])
+        except (OSError, ValueError, crypto.Error) as e:
+            raise usage.UsageError(f"TLS: {e}")
 
 
 class ProxyService(service.MultiService):
@@ -132,6 +180,7 @@ def makeService(options):
     from etcdproxy.grpc.server import GRPCServerFactory
     from etcdproxy.grpc.service import GRPCServerService
     from etcdproxy.services.broadcast import WatchBroadcaster
+    from etcdproxy.tls import TLSServerEndpoint
     from etcdproxy.upstream.monitor import EndpointMonitor
 
     top = ProxyService()
@@ -146,6 +195,7 @@ def makeService(options):
         check_interval=options["health-check-interval"],
         check_timeout=options["health-check-timeout"],
         probe_backoff_max=options["endpoint-probe-max-interval"],
+        client_tls=options["client-tls"],
     )
     monitor.setServiceParent(top)
     limits = Limits(
@@ -158,9 +208,10 @@ def makeService(options):
         fragment_size=options["watch-fragment-size"])
     watches.setServiceParent(top)
     factory = GRPCServerFactory(ProxyRouter(monitor, watches), reactor, limits)
-    server = GRPCServerService(
-        serverFromString(reactor, options["listen-description"]), factory, options["drain-timeout"]
-    )
+    endpoint = serverFromString(reactor, options["listen-description"])
+    if options["server-tls"]:
+        endpoint = TLSServerEndpoint(endpoint, options["server-tls"])
+    server = GRPCServerService(endpoint, factory, options["drain-timeout"])
     server.setName("grpc-server")
     server.setServiceParent(top)
     return top

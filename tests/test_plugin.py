@@ -32,7 +32,11 @@ class PluginTests(unittest.TestCase):
                      "--max-concurrent-streams", "--upstream-keepalive-interval",
                      "--upstream-keepalive-timeout", "--drain-timeout", "--endpoint-policy",
                      "--upstream-connect-timeout", "--health-check-interval",
-                     "--health-check-timeout", "--endpoint-probe-max-interval"]:
+                     "--health-check-timeout", "--endpoint-probe-max-interval", "--cert-file",
+                     "--key-file", "--trusted-ca-file", "--client-crl-file", "--auto-tls",
+                     "--listen-cipher-suites", "--tls-min-version", "--tls-max-version",
+                     "--cacert", "--cert", "--key", "--insecure-skip-tls-verify",
+                     "--watch-exact", "--watch-send-buffer", "--watch-fragment-size"]:
             self.assertIn(flag, out)
         self.assertIn("[default: 127.0.0.1:2379]", out)
         self.assertIn("[default: 127.0.0.1:23790]", out)
@@ -41,7 +45,13 @@ class PluginTests(unittest.TestCase):
         for args, message in [
             (["--endpoints=ftp://x:1"], "scheme must be http or https"),
             (["--endpoints=127.0.0.1:notaport"], "invalid port"),
-            (["--endpoints=https://127.0.0.1:2379"], "not implemented yet"),
+            (["--cert-file=/nonexistent.pem", "--key-file=/nonexistent.pem"], "No such file"),
+            (["--cert-file=/etc/hostname"], "--cert-file and --key-file go together"),
+            (["--trusted-ca-file=/etc/hostname"], "need --cert-file or --auto-tls"),
+            (["--tls-min-version=SSL3"], "must be one of TLS1.0"),
+            (["--auto-tls", "--data-dir=/tmp/etcdproxy-test-autotls",
+              "--listen-cipher-suites=TLS_NOPE"], "unknown cipher suite"),
+            (["--watch-send-buffer=0"], "must be positive"),
             (["--listen-addr=nowhere"], "expected host:port"),
             (["--max-recv-bytes=0"], "max-recv-bytes"),
             (["--upstream-keepalive-interval=1"], "at least 5"),

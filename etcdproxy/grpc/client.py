@@ -70,7 +70,7 @@ class ClientCall(MessageStream):
     def request_headers(self, authority):
         headers = [
             (b":method", b"POST"),
-            (b":scheme", b"http"),
+            (b":scheme", self.channel.scheme),
             (b":path", self.method),
             (b":authority", authority),
             (b"content-type", b"application/grpc"),
@@ -321,10 +321,11 @@ class Channel:
     _log = Logger()
 
     def __init__(self, reactor, endpoint, authority, limits=Limits(),
-                 keepalive_interval=10.0, keepalive_timeout=10.0, on_failure=None):
+                 keepalive_interval=10.0, keepalive_timeout=10.0, on_failure=None, tls=False):
         self.reactor = reactor
-        self.endpoint = endpoint
+        self.endpoint = endpoint  # with TLS around it when ``tls``
         self.authority = authority
+        self.scheme = b"https" if tls else b"http"
         self.limits = limits
         self.keepalive_interval = keepalive_interval
         self.keepalive_timeout = keepalive_timeout

@@ -359,8 +359,11 @@ class H2Protocol(Protocol):
 
     def connectionMade(self):
         # Small frames (headers, short messages) must not wait for Nagle's algorithm.
-        if hasattr(self.transport, "setTcpNoDelay"):
-            self.transport.setTcpNoDelay(True)
+        tcp = self.transport
+        while not hasattr(tcp, "setTcpNoDelay") and hasattr(tcp, "transport"):
+            tcp = tcp.transport  # under TLS
+        if hasattr(tcp, "setTcpNoDelay"):
+            tcp.setTcpNoDelay(True)
         # h2's header checks cost about a quarter of a call, so they are off: the
         # server checks the request headers it acts on itself (method, path,
         # content-type, grpc-timeout, grpc-encoding), and metadata it relays that

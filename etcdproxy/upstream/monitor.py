@@ -26,7 +26,7 @@ import random
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
 from etcdproxy.grpc.client import Channel
@@ -114,10 +114,13 @@ class EndpointMonitor(service.Service):
         rise=2,
         rng=None,
         channel_factory=None,
+        client_tls=None,
     ):
         """``channel_factory(endpoint)`` makes each member's `Channel` (tests
         give fakes); by default a real one with ``limits``, keepalive and a
-        connect timeout."""
+        connect timeout, over TLS (``client_tls``, an `etcdproxy.tls.ClientTLS`)
+        for https:// endpoints."""
+        self.client_tls = client_tls
         self.reactor = reactor
         self.check_interval = check_interval
         self.check_timeout = check_timeout
@@ -137,13 +140,17 @@ class EndpointMonitor(service.Service):
         self.failovers = 0  # times a member left the pool
 
     def _make_channel(self, limits, keepalive_interval, keepalive_timeout, connect_timeout, endpoint):
+        connector = HostnameEndpoint(self.reactor, endpoint.host, endpoint.port, timeout=connect_timeout)
+        if endpoint.tls:
+            connector = wrapClientTLS(self.client_tls.creator(endpoint.host), connector)
         return Channel(
             self.reactor,
-            HostnameEndpoint(self.reactor, endpoint.host, endpoint.port, timeout=connect_timeout),
+            connector,
             endpoint.authority.encode("ascii"),
             limits,
             keepalive_interval=keepalive_interval,
             keepalive_timeout=keepalive_timeout,
+            tls=endpoint.tls,
         )
 
     # -- where calls go -----------------------------------------------------------

@@ -101,9 +101,10 @@ def parse_metrics(text):
 
 
 class _Member(object):
-    def __init__(self, name, client_port, peer_port, data_dir, log_path):
+    def __init__(self, name, client_port, peer_port, data_dir, log_path, tls_port=None):
         self.name = name
         self.client_port = client_port
+        self.tls_port = tls_port
         self.peer_port = peer_port
         self.data_dir = data_dir
         self.log_path = log_path
@@ -115,6 +116,13 @@ class _Member(object):
         return "http://127.0.0.1:%d" % self.client_port
 
     @property
+    def listen_urls(self):
+        urls = [self.client_url]
+        if self.tls_port:
+            urls.append("https://127.0.0.1:%d" % self.tls_port)
+        return ",".join(urls)
+
+    @property
     def peer_url(self):
         return "http://127.0.0.1:%d" % self.peer_port
 
@@ -122,11 +130,19 @@ class _Member(object):
 class EtcdCluster(object):
     """``size`` etcd members on free loopback ports; see the module doc."""
 
-    def __init__(self, size=1, extra_args=(), name_prefix="m"):
+    def __init__(self, size=1, extra_args=(), name_prefix="m", tls=None):
+        """``tls``: (ca, cert, key) PEM paths: each member also serves clients
+        over TLS, client certificates required (``tls_endpoints``); its plain
+        port stays, for the fixtures' health checks and metrics."""
         if size < 1:
             raise ValueError("size must be >= 1")
         self.size = size
         self.extra_args = list(extra_args)
+        self.tls = tls
+        if tls:
+            ca, cert, key = tls
+            self.extra_args += ["--cert-file", cert, "--key-file", key,
+                                "--client-cert-auth", "--trusted-ca-file", ca]
         self.name_prefix = name_prefix
         self.token = "etcdproxy-test-" + uuid.uuid4().hex[:12]
         self.tmpdir = None
@@ -139,14 +155,15 @@ class EtcdCluster(object):
         if self._started:
             return self
         self.tmpdir = tempfile.mkdtemp(prefix="etcdproxy-test-etcd-")
-        ports = free_ports(2 * self.size)
+        ports = free_ports(3 * self.size)
         self.members = []
         for i in range(self.size):
             name = "%s%d" % (self.name_prefix, i)
             self.members.append(_Member(
-                name, ports[2 * i], ports[2 * i + 1],
+                name, ports[3 * i], ports[3 * i + 1],
                 os.path.join(self.tmpdir, name + ".etcd"),
-                os.path.join(self.tmpdir, name + ".log")))
+                os.path.join(self.tmpdir, name + ".log"),
+                ports[3 * i + 2] if self.tls else None))
         self._started = True
         with _live_lock:
             _live.add(self)
@@ -195,6 +212,10 @@ class EtcdCluster(object):
         return self.endpoints[0]
 
     @property
+    def tls_endpoints(self):
+        return ["127.0.0.1:%d" % m.tls_port for m in self.members]
+
+    @property
     def client_urls(self):
         return [m.client_url for m in self.members]
 
@@ -207,7 +228,7 @@ class EtcdCluster(object):
             ETCD_BINARY,
             "--name", m.name,
             "--data-dir", m.data_dir,
-            "--listen-client-urls", m.client_url,
+            "--listen-client-urls", m.listen_urls,
             "--advertise-client-urls", m.client_url,
             "--listen-peer-urls", m.peer_url,
             "--initial-advertise-peer-urls", m.peer_url,
