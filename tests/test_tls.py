@@ -152,3 +152,25 @@ class TLSTests(ClassFixtureTestCase):
             cert = generated
         kv, _ = self.stubs(None, address=proxy.address, ca=Generated)
         self.assertEqual(kv.Range(R.RangeRequest(key=b"/tls/none"), timeout=CALL_TIMEOUT).count, 0)
+
+    def test_cipher_suites_and_maximum_version(self):
+        proxy = self.start_proxy(
+            "--cert-file", self.proxy_server.cert, "--key-file", self.proxy_server.key,
+            "--listen-cipher-suites", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+            "--tls-max-version", "TLS1.2")
+        host, port = proxy.address.rsplit(":", 1)
+
+        def handshake(cipher=None, version=ssl.TLSVersion.TLSv1_2):
+            context = ssl.create_default_context(cafile=self.ca.cert)
+            context.minimum_version = context.maximum_version = version
+            if cipher:
+                context.set_ciphers(cipher)
+            with socket.create_connection((host, int(port)), timeout=5) as raw:
+                with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                    return tls.cipher()[0]
+
+        self.assertEqual(handshake(), "ECDHE-ECDSA-AES256-GCM-SHA384")
+        with self.assertRaises(ssl.SSLError):
+            handshake("ECDHE-ECDSA-AES128-GCM-SHA256")
+        with self.assertRaises(ssl.SSLError):
+            handshake(version=ssl.TLSVersion.TLSv1_3)
