@@ -2,21 +2,43 @@
 
 from etcdproxy.services.catalog import METHOD_PATHS, unknown_method_error
 from etcdproxy.services.forward import ForwardedCall
-from etcdproxy.services.lease import KEEPALIVE_PATH, ResumableKeepAlive
+from etcdproxy.services.lease import KEEPALIVE_PATH, REVOKE_PATH, KeepAliveStream, RevokeCall
+from etcdproxy.services.lease_coalescer import LeaseCoalescer
 from etcdproxy.services.broadcast import WATCH_PATH, WatchBroadcaster
 from etcdproxy.services.watch import WatchStream
+from etcdproxy.services.client_limits import LimitedCall
+from etcdproxy.services.range_calls import (
+    AUTH_WRITES, COMPACT_PATH, KV_WRITES, RANGE_PATH, InvalidatingCall, RangeCall)
+
+_INVALIDATING = frozenset([*KV_WRITES, COMPACT_PATH, *AUTH_WRITES])
 
 
 class ProxyRouter:
-    def __init__(self, upstream, watches=None):
+    def __init__(self, upstream, watches=None, leases=None, cache=None, client_limits=None):
         self.upstream = upstream  # the EndpointMonitor
         self.watches = watches or WatchBroadcaster(upstream)
+        self.leases = leases or LeaseCoalescer(upstream)
+        self.cache = cache  # a RangeCache, or None: Range is relayed as it is
+        self.client_limits = client_limits if client_limits is not None and client_limits.enabled else None
 
     def __call__(self, path):
+        handler = self._handler(path)
+        if self.client_limits is not None:
+            return LimitedCall(self.client_limits, handler)
+        return handler
+
+    def _handler(self, path):
         if path not in METHOD_PATHS:
             raise unknown_method_error(path)
         if path == WATCH_PATH:
             return WatchStream(self.watches)
         if path == KEEPALIVE_PATH:
-            return ResumableKeepAlive(self.upstream)
+            return KeepAliveStream(self.leases)
+        if path == REVOKE_PATH:
+            return RevokeCall(self.upstream, self.leases)
+        if self.cache is not None:
+            if path == RANGE_PATH:
+                return RangeCall(self.cache, self.upstream)
+            if path in _INVALIDATING:
+                return InvalidatingCall(self.upstream, self.cache)
         return ForwardedCall(self.upstream)

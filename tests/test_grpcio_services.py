@@ -426,7 +426,10 @@ class LeaseTests(GrpcioTestCase):
                 raise
             except AssertionError:
                 pass
-        self.assertTrue(all((a.ID, a.TTL) == (g.ID, ttl) for a in answers), answers)
+        # Through the lease coalescer, keep-alives sent more often than every
+        # TTL/3 are answered from etcd's last answer, with what is left of the
+        # TTL (rounded down): at least 2/3 of it; etcd itself answers the full TTL.
+        self.assertTrue(all(a.ID == g.ID and ttl * 2 // 3 <= a.TTL <= ttl for a in answers), answers)
         self.assertGreaterEqual(len(answers), 2)
         t = self.d.lease.LeaseTimeToLive(R.LeaseTimeToLiveRequest(ID=g.ID))
         self.assertGreater(t.TTL, 0, "lease expired despite keep-alives")
