@@ -26,6 +26,17 @@ def _listen_description(address):
     return f"tcp:{port}:interface={host.replace(':', chr(92) + ':')}"
 
 
+NOT_IMPLEMENTED = {
+    "namespace": "key namespaces",
+    "resolver-prefix": "registration of the proxy in etcd",
+    "resolver-ttl": "registration of the proxy in etcd",
+    "advertise-client-url": "registration of the proxy in etcd",
+    "discovery-srv": "DNS SRV discovery",
+    "discovery-srv-name": "DNS SRV discovery",
+    "experimental-leasing-prefix": "leasing",
+}
+
+
 def _positive_int(name):
     def parse(value):
         number = int(value)
@@ -85,6 +96,31 @@ class Options(usage.Options):
         ["watch-fragment-size", None, DEFAULT_FRAGMENT_SIZE,
          "size at which watch responses are split for watchers created with fragment=true "
          "(etcd's: its --max-request-bytes + 512 KiB)", int],
+        # range cache and per-client limits
+        ["cache-max-bytes", None, 64 * 1024 * 1024,
+         "bytes of Range answers the range cache may hold (0: no cache, Range is "
+         "relayed as it is)", int],
+        ["cache-max-entries", None, 100_000, "Range answers the range cache may hold", int],
+        ["cache-token-max-age", None, 1.0,
+         "seconds an answer cached for an auth token may be served (bounds how long an "
+         "auth change made elsewhere than through this proxy goes unseen)", float],
+        ["cache-check-interval", None, 1.0,
+         "seconds between checks for compaction and auth enabled elsewhere than through "
+         "this proxy (bounds how long they go unseen)", float],
+        ["cache-watch-user", None, None,
+         "with etcd auth enabled: a user who may read every key, whose token the range "
+         "cache's invalidation watch uses (without it the cache is off while auth is on)"],
+        ["cache-watch-password-file", None, None,
+         "file holding the password of --cache-watch-user (its first line)"],
+        ["client-max-rps", None, 0.0,
+         "calls per second each client may start (0: no limit); more get RESOURCE_EXHAUSTED", float],
+        ["client-burst", None, 0,
+         "calls a client may start at once above --client-max-rps (default: the rate)", int],
+        ["client-max-concurrent", None, 0,
+         "calls (streams included) each client may have open at once (0: no limit)", int],
+        ["client-limit-by", None, "peer",
+         "what a client is for the limits: peer (address), connection, token (auth "
+         "token; calls without one count by peer address)"],
         # TLS toward clients
         ["cert-file", None, None, "serve clients over TLS with this certificate (PEM, may hold its chain)"],
         ["key-file", None, None, "the private key of --cert-file (PEM)"],
@@ -102,8 +138,18 @@ class Options(usage.Options):
         ["cacert", None, None, "verify etcd's certificates with this CA bundle (default: the system's)"],
         ["cert", None, None, "client certificate presented to etcd (PEM)"],
         ["key", None, None, "the private key of --cert (PEM)"],
+        ["metrics-addr", None, None,
+         "also serve /metrics, /health and /proxy/health on this address (host:port or "
+         "http://host:port); they are always served on --listen-addr too"],
+        # etcd grpc-proxy flags not implemented yet: refused at start, never ignored
+        *[[name, None, None, f"not implemented yet ({why}): refused at start"]
+          for name, why in NOT_IMPLEMENTED.items()],
     ]
     optFlags = [
+        ["debug", None, "log every call (method, peer, status, time) at debug level"],
+        ["enable-pprof", None, "not available: Go's runtime profiler (refused at start)"],
+        ["experimental-serializable-ordering", None, "not implemented yet (refused at start)"],
+        ["insecure-discovery", None, "not implemented yet (refused at start)"],
         ["auto-tls", None, "serve clients over TLS with a self-signed certificate kept in --data-dir"],
         ["insecure-skip-tls-verify", None,
          "do not verify etcd's certificates (CAUTION: for testing only)"],
@@ -129,7 +175,35 @@ class Options(usage.Options):
                      "watch-fragment-size"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
+        for name in ("cache-max-bytes", "cache-max-entries", "cache-token-max-age", "client-max-rps",
+                     "client-burst", "client-max-concurrent"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must not be negative")
+        if self["cache-check-interval"] <= 0:
+            raise usage.UsageError("--cache-check-interval must be positive")
+        if self["client-limit-by"] not in ("peer", "connection", "token"):
+            raise usage.UsageError("--client-limit-by must be one of peer, connection, token")
+        self["cache-credentials"] = None
+        if bool(self["cache-watch-user"]) != bool(self["cache-watch-password-file"]):
+            raise usage.UsageError("--cache-watch-user and --cache-watch-password-file go together")
+        if self["cache-watch-user"]:
+            try:
+                with open(self["cache-watch-password-file"], encoding="utf-8") as f:
+                    password = f.readline().rstrip("\r\n")
+            except OSError as e:
+                raise usage.UsageError(f"--cache-watch-password-file: {e.strerror}")
+            self["cache-credentials"] = (self["cache-watch-user"], password)
+        for name in [*NOT_IMPLEMENTED, "experimental-serializable-ordering", "insecure-discovery"]:
+            if self[name]:
+                raise usage.UsageError(f"--{name} is not implemented yet in etcdgrpcproxy")
+        if self["enable-pprof"]:
+            raise usage.UsageError("--enable-pprof is Go's runtime profiler: not available in etcdgrpcproxy")
         self["listen-description"] = _listen_description(self["listen-addr"])
+        if self["metrics-addr"]:
+            address = self["metrics-addr"]
+            if address.startswith("https://"):
+                raise usage.UsageError("--metrics-addr: https is not implemented yet")
+            self["metrics-description"] = _listen_description(address.removeprefix("http://"))
         self._tls()
 
     def _tls(self):
@@ -180,6 +254,14 @@ def makeService(options):
     from etcdproxy.grpc.server import GRPCServerFactory
     from etcdproxy.grpc.service import GRPCServerService
     from etcdproxy.services.broadcast import WatchBroadcaster
+    from etcdproxy.services.client_limits import ClientLimits
+    from etcdproxy.services.range_cache import RangeCache
+    from etcdproxy.services.lease_coalescer import LeaseCoalescer
+    from twisted.application import strports
+
+    from etcdproxy.grpc.sniff import SniffingFactory
+    from etcdproxy.http import make_site
+    from etcdproxy.metrics import CallLog, make_registry
     from etcdproxy.tls import TLSServerEndpoint
     from etcdproxy.upstream.monitor import EndpointMonitor
 
@@ -207,11 +289,47 @@ def makeService(options):
         monitor, exact=options["watch-exact"], send_buffer=options["watch-send-buffer"],
         fragment_size=options["watch-fragment-size"])
     watches.setServiceParent(top)
-    factory = GRPCServerFactory(ProxyRouter(monitor, watches), reactor, limits)
+    cache = None
+    if options["cache-max-bytes"] and options["cache-max-entries"]:
+        cache = RangeCache(monitor, options["cache-max-bytes"], options["cache-max-entries"],
+                           options["cache-token-max-age"], options["cache-check-interval"],
+                           options["cache-credentials"])
+        cache.setServiceParent(top)
+    client_limits = ClientLimits(reactor, options["client-max-rps"], options["client-burst"],
+                                 options["client-max-concurrent"], options["client-limit-by"])
+    leases = LeaseCoalescer(monitor)
+    leases.setServiceParent(top)
+    registry, call_metrics = make_registry(monitor, top)
+    observers = [call_metrics, CallLog()] if options["debug"] else [call_metrics]
+    factory = GRPCServerFactory(ProxyRouter(monitor, watches, leases=leases, cache=cache, client_limits=client_limits), reactor, limits, observers)
+    site = make_site(registry, monitor, _self_channel(reactor, options), access_log=options["debug"])
     endpoint = serverFromString(reactor, options["listen-description"])
     if options["server-tls"]:
         endpoint = TLSServerEndpoint(endpoint, options["server-tls"])
-    server = GRPCServerService(endpoint, factory, options["drain-timeout"])
+    # gRPC and HTTP/1.1 (/metrics, /health) on one port, as etcd's proxy serves them
+    server = GRPCServerService(endpoint, factory, options["drain-timeout"], SniffingFactory(factory, site))
     server.setName("grpc-server")
     server.setServiceParent(top)
+    if options["metrics-addr"]:
+        metrics = strports.service(options["metrics-description"], site, reactor=reactor)
+        metrics.setName("metrics-server")
+        metrics.setServiceParent(top)
     return top
+
+
+def _self_channel(reactor, options):
+    """A channel to the proxy's own listen address, for /proxy/health."""
+    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+
+    from etcdproxy.grpc.client import Channel
+
+    host, _, port = options["listen-addr"].rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    endpoint = HostnameEndpoint(reactor, host, int(port), timeout=1)
+    tls = bool(options["server-tls"])
+    if tls:
+        own = ClientTLS(None, options["cert"], options["key"], insecure_skip_verify=True)
+        endpoint = wrapClientTLS(own.creator(host), endpoint)
+    return Channel(reactor, endpoint, options["listen-addr"].encode("ascii"), tls=tls)

@@ -36,7 +36,12 @@ class PluginTests(unittest.TestCase):
                      "--key-file", "--trusted-ca-file", "--client-crl-file", "--auto-tls",
                      "--listen-cipher-suites", "--tls-min-version", "--tls-max-version",
                      "--cacert", "--cert", "--key", "--insecure-skip-tls-verify",
-                     "--watch-exact", "--watch-send-buffer", "--watch-fragment-size"]:
+                     "--watch-exact", "--watch-send-buffer", "--watch-fragment-size",
+                     "--metrics-addr", "--debug", "--namespace", "--resolver-prefix",
+                     "--resolver-ttl", "--advertise-client-url", "--discovery-srv",
+                     "--discovery-srv-name", "--insecure-discovery", "--enable-pprof",
+                     "--experimental-serializable-ordering", "--experimental-leasing-prefix",
+                     "--data-dir"]:
             self.assertIn(flag, out)
         self.assertIn("[default: 127.0.0.1:2379]", out)
         self.assertIn("[default: 127.0.0.1:23790]", out)
@@ -52,6 +57,11 @@ class PluginTests(unittest.TestCase):
             (["--auto-tls", "--data-dir=/tmp/etcdproxy-test-autotls",
               "--listen-cipher-suites=TLS_NOPE"], "unknown cipher suite"),
             (["--watch-send-buffer=0"], "must be positive"),
+            (["--namespace=/tenant/"], "--namespace is not implemented yet"),
+            (["--discovery-srv=example.com"], "--discovery-srv is not implemented yet"),
+            (["--experimental-serializable-ordering"], "not implemented yet"),
+            (["--enable-pprof"], "not available"),
+            (["--metrics-addr=https://127.0.0.1:1"], "https is not implemented yet"),
             (["--listen-addr=nowhere"], "expected host:port"),
             (["--max-recv-bytes=0"], "max-recv-bytes"),
             (["--upstream-keepalive-interval=1"], "at least 5"),

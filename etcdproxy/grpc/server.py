@@ -45,6 +45,17 @@ class ICallHandler(Interface):
         client reconnects elsewhere; others may just complete."""
 
 
+class ICallObserver(Interface):
+    """Told of every call, e.g. to count them (metrics)."""
+
+    def call_started(method):
+        """A call to ``method`` (its path, bytes) started."""
+
+    def call_ended(method, code, seconds):
+        """It ended with status ``code`` after ``seconds`` (CANCELLED when the
+        client reset it or went away)."""
+
+
 class ServerCall(MessageStream):
     """One incoming call, as its handler sees it."""
 
@@ -59,6 +70,7 @@ class ServerCall(MessageStream):
         self._remote_closed = False
         self._ended = False
         self._timer = None
+        self._end_callbacks = []
 
     @property
     def peer(self):
@@ -72,6 +84,9 @@ class ServerCall(MessageStream):
 
     def start(self, handler):
         self.handler = handler
+        self._started_at = self.protocol.reactor.seconds()
+        for observer in self.protocol.factory.observers:
+            observer.call_started(self.method)
         remaining = self.time_remaining()
         if remaining is not None:
             self._timer = self.protocol.reactor.callLater(max(0, remaining), self._deadline_expired)
@@ -107,6 +122,7 @@ class ServerCall(MessageStream):
         self._finished = True
         self._ended = True
         self._cancel_timer()
+        self._observe_end(code)
         trailers = [(b"grpc-status", _GRPC_STATUS[code] if 0 <= code <= 16 else b"%d" % code)]
         if message:
             trailers.append((b"grpc-message", encode_grpc_message(message)))
@@ -128,6 +144,9 @@ class ServerCall(MessageStream):
         """The stream is gone (reset, connection lost): only the handler is told."""
         self._cancel_timer()
         self.close()
+        if not self._finished:
+            self._finished = True
+            self._observe_end(StatusCode.CANCELLED)
         if not self._ended:
             self._ended = True
             self._invoke(self.handler.call_cancelled, error)
@@ -142,6 +161,20 @@ class ServerCall(MessageStream):
         as soon as it reads again)."""
         self.discard_unsent()
         self._ended_by_us(GRPCError(code, message))
+
+    def when_ended(self, callback):
+        """Calls ``callback()`` once the call is over, however it ends."""
+        self._end_callbacks.append(callback)
+
+    def _observe_end(self, code):
+        callbacks, self._end_callbacks = self._end_callbacks, []
+        for callback in callbacks:
+            callback()
+        observers = self.protocol.factory.observers
+        if observers:
+            seconds = self.protocol.reactor.seconds() - self._started_at
+            for observer in observers:
+                observer.call_ended(self.method, code, seconds)
 
     def _invoke(self, method, *args):
         """Calls the handler; a bug in it ends this call with INTERNAL, not the
@@ -309,10 +342,11 @@ class GRPCServerFactory(Factory):
     """Builds server connections; ``router(path)`` returns an `ICallHandler`
     or raises `GRPCError` (UNIMPLEMENTED) for an unknown method."""
 
-    def __init__(self, router, reactor, limits=Limits()):
+    def __init__(self, router, reactor, limits=Limits(), observers=()):
         self.router = router
         self.reactor = reactor
         self.limits = limits
+        self.observers = tuple(observers)  # ICallObservers
         self.connections = set()
 
     def buildProtocol(self, addr):
