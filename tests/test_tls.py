@@ -11,6 +11,7 @@ import shutil
 import socket
 import ssl
 import tempfile
+import threading
 
 import grpc
 
@@ -174,3 +175,36 @@ class TLSTests(ClassFixtureTestCase):
             handshake("ECDHE-ECDSA-AES128-GCM-SHA256")
         with self.assertRaises(ssl.SSLError):
             handshake(version=ssl.TLSVersion.TLSv1_3)
+
+    def test_etcd_whose_certificate_lacks_the_endpoints_ip_is_refused(self):
+        """A TLS server at 127.0.0.1 whose certificate names 10.0.0.1 only."""
+        wrong = self.pki.issue(self.ca, "wrong-ip", ["10.0.0.1"])
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(wrong.cert, wrong.key)
+        context.set_alpn_protocols(["h2"])
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        listener.settimeout(10)
+
+        def serve():  # a few handshakes (the proxy's health checks and the call)
+            try:
+                for _ in range(3):
+                    connection, _ = listener.accept()
+                    with connection:
+                        try:
+                            context.wrap_socket(connection, server_side=True).close()
+                        except (ssl.SSLError, OSError):
+                            pass  # the proxy refuses the certificate
+            except OSError:
+                pass  # listener closed or timed out
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        port = listener.getsockname()[1]
+        proxy = self.start_proxy(endpoints=["https://127.0.0.1:%d" % port])
+        channel = grpc.insecure_channel(proxy.address)
+        self.addCleanup(channel.close)
+        kv = load_stubs().KVStub(channel)
+        code, details = rpc_error(kv.Range, R.RangeRequest(key=b"/tls/x"), timeout=5)
+        self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, details)
+        self.assertIn("IPAddressMismatch", proxy.log())
