@@ -7,7 +7,7 @@ proxy (``etcd grpc-proxy start``) and with etcd itself, in one run.
     .venv/bin/python bench/run.py [--quick] [--workloads W1,W4] [--reps N] [--out DIR]
 
 Starts one etcd (data dir on tmpfs when /dev/shm exists), the Go proxy and
-this proxy in front of it, and runs the workloads W1-W6 (see bench/README.md)
+this proxy in front of it, and runs the workloads W1-W7 (see bench/README.md)
 against the three targets, alternating targets within every repetition.
 Before every measured run etcd is compacted and defragmented. Results: a
 markdown table with medians, min-max and the ratios this/Go and this/direct,
@@ -49,10 +49,14 @@ except ImportError:
     raise
 
 sys.path.insert(0, REPO)
+import h2.exceptions  # noqa: E402
 from tests.support.etcd import parse_metrics  # noqa: E402
 from tests.support.ports import free_ports  # noqa: E402
 from tests.support.process import stop_process  # noqa: E402
 from tests.support.proxy import ProxyProcess  # noqa: E402
+from tests.support.rawh2 import H2Client, grpc_frame  # noqa: E402
+from etcdproxy.grpc.status import StatusCode  # noqa: E402
+from etcdproxy.pb.etcdserverpb import rpc_pb2  # noqa: E402
 
 BIN_DIR = os.path.join(BENCH_DIR, ".build", "bin")
 BENCHMARK = os.path.join(BIN_DIR, "benchmark")
@@ -64,27 +68,38 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # --------------------------------------------------------------------- modes
 
+# W4's acceptance configuration (issue 5): 1000 watchers on one key, 10 per
+# watch stream, 10 streams per connection; exactly 10,000 puts.
+SHARED_FANOUT = {"watchers": 1000, "per_stream": 10, "per_conn": 10, "puts": 10000, "value_size": 128}
+# W7: the same fan-out with bigger values, so that a stream that is never
+# read gets 2000 x 4 KiB = 8 MiB, twice this proxy's --watch-send-buffer.
+STALLED_FANOUT = dict(SHARED_FANOUT, puts=2000, value_size=4096)
+W7_WITHOUT, W7_WITH, W7_RATIO = "without stalled client", "with 1 stalled client", "with / without"
+W7_P99_LIMIT = 1.2      # issue 5: the others' delivery p99 within 20 % of the run without
+
 QUICK = {
     "reps": 1,
     "w1": {1: 1000, 16: 3000, 64: 5000},          # concurrency -> requests
     "w2": {16: 4000, 64: 4000},
     "w3": {64: 3000},
-    "w4_watchers": [100, 1000], "w4_duration": 2.0,
+    "w4_watchers": [100, 1000], "w4_duration": 2.0, "w4_shared": SHARED_FANOUT,
     "w5_watchers": [0, 1000], "w5_conns": 1000,
     "w6_watchers": 1000, "w6_clients": 1000, "w6_ttl": 3, "w6_interval": 1.0,
     "w6_duration": 2.0, "w6_gets": 2000,
+    "w7": STALLED_FANOUT,
 }
 FULL = {
     "reps": 3,
     "w1": {1: 3000, 16: 10000, 64: 15000},
     "w2": {16: 15000, 64: 15000},
     "w3": {64: 10000},
-    "w4_watchers": [100, 1000, 5000], "w4_duration": 5.0,
+    "w4_watchers": [100, 1000, 5000], "w4_duration": 5.0, "w4_shared": SHARED_FANOUT,
     "w5_watchers": [0, 1000, 10000], "w5_conns": 1000,
     "w6_watchers": 1000, "w6_clients": 1000, "w6_ttl": 6, "w6_interval": 2.0,
     "w6_duration": 4.0, "w6_gets": 3000,
+    "w7": STALLED_FANOUT,
 }
-ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
+ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7")
 
 
 class BenchError(Exception):
@@ -145,6 +160,10 @@ def _read(path):
 
 def _stop(proc, grace=10.0):
     return stop_process(proc, grace)
+
+
+def ceil_div(a, b):
+    return -(-a // b)
 
 
 def _clean_env():
@@ -415,6 +434,106 @@ def run_driver_simple(args, logdir, timeout=120.0, check=None):
         d.close()
 
 
+# ------------------------------------------------------- a stalled watch client
+
+WATCH_METHOD = "/etcdserverpb.Watch/Watch"
+
+
+class StalledWatch(object):
+    """A client that watches ``key`` on one Watch stream and never reads it:
+    a raw HTTP/2 connection (tests.support.rawh2) that never sends a
+    WINDOW_UPDATE for the stream's DATA. A thread keeps the connection
+    serviced (SETTINGS, PINGs, the connection window) until finish(), which
+    then reads the stream again, to its end, to learn how the target ended it."""
+
+    CREATE_TIMEOUT = 10.0
+    END_TIMEOUT = 10.0
+
+    def __init__(self, address, key):
+        self.address = address
+        self.key = key.encode()
+        self.client = None
+        self.sid = None
+        self.error = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump_loop, daemon=True)
+
+    def start(self):
+        self.client = H2Client(self.address)
+        create = rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=self.key))
+        self.sid = self.client.request(WATCH_METHOD, grpc_frame(create.SerializeToString()), end_stream=False)
+        self.client.stalled.add(self.sid)
+        self._wait_created()
+        self._thread.start()
+        return self
+
+    def _wait_created(self):
+        r = self.client.responses[self.sid]
+
+        def first_size():  # of the first gRPC message, once it is all there
+            n = 5 + int.from_bytes(r.data[1:5], "big") if len(r.data) >= 5 else None
+            return n if n is not None and len(r.data) >= n else None
+
+        deadline = time.monotonic() + self.CREATE_TIMEOUT
+        while first_size() is None and not r.done and time.monotonic() < deadline:
+            self.client._pump(0.1)
+        n = first_size()
+        if n is None or not rpc_pb2.WatchResponse.FromString(bytes(r.data[5:n])).created:
+            raise BenchError("stalled watch client: no created response from %s: %r" % (self.address, r))
+
+    def _pump_loop(self):
+        try:
+            while not self._stop.is_set() and not self.client.eof and self.client.terminated is None:
+                self.client._pump(0.05)
+        except Exception as e:  # reported by finish()
+            self.error = "%s: %s" % (type(e).__name__, e)
+
+    def finish(self):
+        """Stops the pump, then reads the stream again until it ends (at most
+        END_TIMEOUT s); returns what happened: kB received while stalled,
+        whether it had ended by then, the grpc-status code and message (None
+        when the stream did not end with one), and a line of text."""
+        self._stop.set()
+        self._thread.join()
+        r = self.client.responses[self.sid]
+        out = {"kb_while_stalled": len(r.data) / 1024.0, "ended_while_stalled": r.done,
+               "pump_error": self.error}
+        try:
+            self.client.stalled.discard(self.sid)
+            if not r.done:
+                self.client.conn.acknowledge_received_data(len(r.data), self.sid)
+                self.client.flush()
+            self.client.wait(self.sid, timeout=self.END_TIMEOUT)
+        except (AssertionError, OSError, h2.exceptions.H2Error):
+            pass  # told by the text below
+        code, message = r.status or (None, None)
+        out.update(code=code, message=message, reset=r.reset, kb_total=len(r.data) / 1024.0)
+        out["text"] = self._describe(out)
+        return out
+
+    def _describe(self, out):
+        if out["code"] is not None:
+            name = {c.value: c.name for c in StatusCode}.get(out["code"], "?")
+            how = "ended with grpc-status %d %s: %r" % (out["code"], name, out["message"])
+        elif out["reset"] is not None:
+            how = "was reset (HTTP/2 error code %s)" % out["reset"]
+        elif self.client.eof or self.client.terminated is not None:
+            how = "lost its connection without a status"
+        else:
+            how = "was still open %.0f s after the reader resumed" % self.END_TIMEOUT
+        return "%s, %s while the client did not read (%.0f kB received then, %.0f kB in all)" % (
+            how, "had ended" if out["ended_while_stalled"] else "had not ended",
+            out["kb_while_stalled"], out["kb_total"])
+
+    def close(self):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
 _PCT = re.compile(r"^\s*([0-9.]+)% in ([0-9.eE+-]+) secs")
 
 
@@ -589,6 +708,14 @@ class Suite(object):
     def progress(self, workload, config, rep, target, text):
         say("  [%s %s rep %d/%d] %-6s %s" % (workload, config, rep + 1, self.mode["reps"], target.name, text))
 
+    def each_target(self, workload, config, run):
+        """run(rep, target) for every repetition and target, the targets in
+        an order that rotates with the repetition; see guarded()."""
+        for rep in range(self.mode["reps"]):
+            for name in self.order(rep):
+                t = self.targets[name]
+                self.guarded(workload, config, rep, t, lambda: run(rep, t))
+
     def guarded(self, workload, config, rep, target, fn):
         """Runs one measurement; a failure of the run is recorded (the suite
         goes on), a crashed target aborts the suite."""
@@ -636,23 +763,17 @@ class Suite(object):
     def w1(self):
         for conc, total in sorted(self.mode["w1"].items()):
             config = "c=%d" % conc
-            for rep in range(self.mode["reps"]):
-                for name in self.order(rep):
-                    t = self.targets[name]
-                    args = ["--clients", str(conc), "--conns", str(conc), "put", "--total", str(total),
-                            "--val-size", "256", "--key-size", "16", "--key-space-size", "100000"]
-                    self.guarded("W1", config, rep, t, lambda: self._benchmark_run("W1", config, rep, t, args, total))
+            args = ["--clients", str(conc), "--conns", str(conc), "put", "--total", str(total),
+                    "--val-size", "256", "--key-size", "16", "--key-space-size", "100000"]
+            self.each_target("W1", config, lambda rep, t: self._benchmark_run("W1", config, rep, t, args, total))
 
     def _range(self, workload, spec, consistency):
         for conc, total in sorted(spec.items()):
             config = "c=%d" % conc
-            for rep in range(self.mode["reps"]):
-                for name in self.order(rep):
-                    t = self.targets[name]
-                    args = ["--clients", str(conc), "--conns", str(conc), "range", "/bench/hot",
-                            "--consistency", consistency, "--total", str(total)]
-                    self.guarded(workload, config, rep, t,
-                                 lambda: self._benchmark_run(workload, config, rep, t, args, total, ranges=True))
+            args = ["--clients", str(conc), "--conns", str(conc), "range", "/bench/hot",
+                    "--consistency", consistency, "--total", str(total)]
+            self.each_target(workload, config,
+                             lambda rep, t: self._benchmark_run(workload, config, rep, t, args, total, ranges=True))
 
     def w2(self):
         self._range("W2", self.mode["w2"], "s")
@@ -662,25 +783,25 @@ class Suite(object):
 
     # -- W4: watch fan-out ------------------------------------------------------
 
-    def _w4_run(self, n, rep, target):
-        config = "%d watchers" % n
-        self.maint()
-        key = self.fresh_key("w4")
+    def _watchfan(self, target, key, args, timeout):
+        """One etcdbench-driver watchfan run on ``key`` against ``target``:
+        returns (metrics, errors, extra). CPU is taken while the writers put;
+        the target's RSS when the watchers are ready and after the puts."""
         m0 = self.etcd.metrics()
-        d = Driver(["watchfan", "-endpoint", target.endpoint, "-watchers", str(n), "-per-conn", "20",
-                    "-key", key, "-duration", "%.3fs" % self.mode["w4_duration"],
-                    "-writers", "4", "-window", "4", "-value-size", "128",
-                    "-setup-timeout", "180s", "-drain-timeout", "60s", "-stall-timeout", "30s"],
-                   self.workdir, timeout=300.0 + self.mode["w4_duration"], check=target.check_alive)
+        d = Driver(["watchfan", "-endpoint", target.endpoint, "-key", key, "-writers", "4", "-window", "4",
+                    "-setup-timeout", "180s", "-drain-timeout", "60s", "-stall-timeout", "30s"] + args,
+                   self.workdir, timeout=timeout, check=target.check_alive)
         try:
             ready = d.next()
             m1 = self.etcd.metrics()
+            rss0 = rss_bytes(target.pid)
             c0 = d.cpu()
             s0 = Snapshot(target)
             d.proceed()
             res = d.next()
             s1 = Snapshot(target)
             c1 = d.cpu()
+            rss1 = rss_bytes(target.pid)
             d.proceed()
             d.next()
             d.finish()
@@ -704,20 +825,61 @@ class Suite(object):
             "setup_s": ready.get("setup_s"),
             "etcd_watchers": (m1.sum("etcd_debugging_mvcc_watcher_total")
                               - m0.sum("etcd_debugging_mvcc_watcher_total")),
+            "rss_before_mb": rss0 / 2.0 ** 20, "rss_after_mb": rss1 / 2.0 ** 20,
         }
-        self.record("W4", config, target, rep, metrics, errors,
-                    extra={"puts": res.get("puts"), "events": res.get("events_delivered"),
-                           "elapsed_s": res.get("elapsed_s"), "errors": res.get("errors")})
-        self.progress("W4", config, rep, target, "%9.0f events/s  %6.1f puts/s  last p50 %7.1f ms p99 %7.1f ms  cpu/1M %.1fs  setup %.1fs" % (
+        extra = {"puts": res.get("puts"), "events": res.get("events_delivered"), "streams": ready.get("streams"),
+                 "connections": ready.get("connections"), "elapsed_s": res.get("elapsed_s"),
+                 "errors": res.get("errors")}
+        return metrics, errors, extra
+
+    def _fanout_progress(self, workload, config, rep, target, metrics):
+        self.progress(workload, config, rep, target, "%9.0f events/s  %6.1f puts/s  last p50 %7.1f ms p99 %7.1f ms  cpu/1M %.1fs  setup %.1fs  watchers at etcd %+.0f" % (
             metrics["events_per_s"] or 0, metrics["puts_per_s"] or 0, metrics["last_p50_ms"] or 0,
-            metrics["last_p99_ms"] or 0, metrics["target_cpu_per_1M_events"], metrics["setup_s"] or 0))
+            metrics["last_p99_ms"] or 0, metrics["target_cpu_per_1M_events"], metrics["setup_s"] or 0,
+            metrics["etcd_watchers"]))
+
+    def _w4_timed(self, n, rep, target):
+        """n watchers, one watch stream each, 20 streams per connection; the
+        writers put for w4_duration seconds."""
+        config = "%d watchers" % n
+        self.maint()
+        metrics, errors, extra = self._watchfan(
+            target, self.fresh_key("w4"),
+            ["-watchers", str(n), "-per-conn", "20", "-duration", "%.3fs" % self.mode["w4_duration"],
+             "-value-size", "128"], timeout=300.0 + self.mode["w4_duration"])
+        self.record("W4", config, target, rep, metrics, errors, extra=extra)
+        self._fanout_progress("W4", config, rep, target, metrics)
+
+    def _shared_fanout(self, spec, key, target):
+        """The fan-out of ``spec`` (SHARED_FANOUT, STALLED_FANOUT): several
+        watchers per stream and an exact number of puts, all of which every
+        watcher must get."""
+        args = ["-watchers", str(spec["watchers"]), "-per-stream", str(spec["per_stream"]),
+                "-per-conn", str(spec["per_conn"]), "-duration", "0", "-max-puts", str(spec["puts"]),
+                "-value-size", str(spec["value_size"])]
+        metrics, errors, extra = self._watchfan(target, key, args, timeout=300.0 + spec["puts"] / 20.0)
+        if not errors and extra["puts"] != spec["puts"]:
+            errors.append("%s puts made, not %d" % (extra["puts"], spec["puts"]))
+        return metrics, errors, extra
+
+    def _w4_shared(self, config, rep, target):
+        spec = self.mode["w4_shared"]
+        self.maint()
+        metrics, errors, extra = self._shared_fanout(spec, self.fresh_key("w4"), target)
+        if target.name == "this":
+            extra["note"] = "%s: etcd's watcher gauge rose by %.0f (acceptance: exactly 1)" % (
+                config, metrics["etcd_watchers"])
+        self.record("W4", config, target, rep, metrics, errors, extra=extra)
+        self._fanout_progress("W4", config, rep, target, metrics)
 
     def w4(self):
         for n in self.mode["w4_watchers"]:
-            for rep in range(self.mode["reps"]):
-                for name in self.order(rep):
-                    t = self.targets[name]
-                    self.guarded("W4", "%d watchers" % n, rep, t, lambda: self._w4_run(n, rep, t))
+            self.each_target("W4", "%d watchers" % n, lambda rep, t: self._w4_timed(n, rep, t))
+        spec = self.mode["w4_shared"]
+        config = "%d watchers, %d streams, %d conns, %d puts" % (
+            spec["watchers"], ceil_div(spec["watchers"], spec["per_stream"]),
+            ceil_div(ceil_div(spec["watchers"], spec["per_stream"]), spec["per_conn"]), spec["puts"])
+        self.each_target("W4", config, lambda rep, t: self._w4_shared(config, rep, t))
 
     # -- W5: memory -------------------------------------------------------------
 
@@ -767,10 +929,7 @@ class Suite(object):
         cases.append(("conns", self.mode["w5_conns"]))
         for kind, n in cases:
             config = ("%d idle watchers" % n) if kind == "watchers" else ("%d idle connections" % n)
-            for rep in range(self.mode["reps"]):
-                for name in self.order(rep):
-                    t = self.targets[name]
-                    self.guarded("W5", config, rep, t, lambda: self._w5_run(kind, n, rep, t))
+            self.each_target("W5", config, lambda rep, t: self._w5_run(kind, n, rep, t))
 
     # -- W6: load on etcd -------------------------------------------------------
 
@@ -886,19 +1045,59 @@ class Suite(object):
             metrics["etcd_ranges_per_req"], metrics["rps"] or 0))
 
     def w6(self):
-        for rep in range(self.mode["reps"]):
-            for name in self.order(rep):
-                t = self.targets[name]
-                self.guarded("W6", "watchers", rep, t, lambda: self._w6_watchers(rep, t))
+        self.each_target("W6", "watchers", self._w6_watchers)
         for shared in (False, True):
-            for rep in range(self.mode["reps"]):
-                for name in self.order(rep):
-                    t = self.targets[name]
-                    self.guarded("W6", "leases", rep, t, lambda: self._w6_leases(shared, rep, t))
-        for rep in range(self.mode["reps"]):
-            for name in self.order(rep):
-                t = self.targets[name]
-                self.guarded("W6", "gets", rep, t, lambda: self._w6_hot_gets(rep, t))
+            self.each_target("W6", "leases", lambda rep, t: self._w6_leases(shared, rep, t))
+        self.each_target("W6", "gets", self._w6_hot_gets)
+
+    # -- W7: stalled client isolation -------------------------------------------
+
+    def _w7_run(self, rep, target):
+        """The W7 fan-out without and with a stalled client on the same key
+        (without first in the 1st, 3rd, ... repetition); records both runs and
+        their ratios."""
+        spec = self.mode["w7"]
+        runs = {}
+        cases = ((W7_WITHOUT, False), (W7_WITH, True))
+        for config, stalled in (cases if rep % 2 == 0 else cases[::-1]):
+            self.maint()
+            key = self.fresh_key("w7")
+            client = StalledWatch(target.endpoint, key) if stalled else None
+            try:
+                if client is not None:
+                    client.start()
+                metrics, errors, extra = self._shared_fanout(spec, key, target)
+                if client is not None:
+                    end = client.finish()
+                    metrics.update(stalled_kb=end["kb_while_stalled"], stalled_grpc_status=end["code"])
+                    extra["stalled"] = end
+                    extra["note"] = "%s: the stalled stream %s" % (TARGET_LABEL[target.name], end["text"])
+            finally:
+                if client is not None:
+                    client.close()
+            self.record("W7", config, target, rep, metrics, errors, extra=extra)
+            self._fanout_progress("W7", config, rep, target, metrics)
+            runs[stalled] = metrics
+        self._w7_ratios(rep, target, runs[False], runs[True])
+
+    def _w7_ratios(self, rep, target, without, with_):
+        metrics = {"p99_ratio": ratio(with_["last_p99_ms"], without["last_p99_ms"]),
+                   "p50_ratio": ratio(with_["last_p50_ms"], without["last_p50_ms"]),
+                   "events_ratio": ratio(with_["events_per_s"], without["events_per_s"]),
+                   "rss_growth_mb": with_["rss_after_mb"] - with_["rss_before_mb"]}
+        p99 = metrics["p99_ratio"]
+        extra = {}
+        if target.name == "this":
+            extra["note"] = "this proxy: put -> last watcher p99 with / without the stalled client %s " \
+                            "(acceptance: <= %.1f: %s)" % (ratio_cell(p99), W7_P99_LIMIT,
+                                                           "met" if p99 is not None and p99 <= W7_P99_LIMIT
+                                                           else "NOT met")
+        self.record("W7", W7_RATIO, target, rep, metrics, extra=extra)
+        self.progress("W7", W7_RATIO, rep, target, "p99 %s  p50 %s  events/s %s" % tuple(
+            ratio_cell(metrics[m]) for m in ("p99_ratio", "p50_ratio", "events_ratio")))
+
+    def w7(self):
+        self.each_target("W7", W7_WITH, self._w7_run)
 
 
 # -------------------------------------------------------------------- report
@@ -928,7 +1127,8 @@ DISPLAY = {
         ("etcd_ranges_per_req", "etcd Range calls per request", "low"),
         ("loadgen_cpu_per_10k", "load generator CPU s /10k req", None),
         ("machine_busy_pct", "machine busy % (2 cores)", None)]),
-    "W4": ("W4 watch fan-out (one key, 20 watch streams per connection, 4 writers, <= 4 puts in flight)", [
+    "W4": ("W4 watch fan-out (one key, 4 writers, <= 4 puts in flight; \"N watchers\": one watch stream "
+           "each, 20 streams per connection, puts for a fixed time)", [
         ("events_per_s", "events/s delivered (all watchers)", "high"),
         ("puts_per_s", "puts/s absorbed", "high"),
         ("last_p50_ms", "put -> last watcher p50 ms", "low"),
@@ -958,6 +1158,22 @@ DISPLAY = {
         ("machine_busy_pct", "machine busy % (2 cores)", None),
         ("etcd_ranges_per_req", "etcd Range calls per client get", "low"),
         ("rps", "gets/s (one client)", "high")]),
+    "W7": ("W7 stalled client isolation (%(watchers)d watchers on one key, %(per_stream)d per stream, "
+           "%(per_conn)d streams per connection, %(puts)d puts of %(value_size)d bytes; with / without one "
+           "more client on the key that never reads)" % STALLED_FANOUT, [
+        ("events_per_s", "events/s delivered (1000 watchers)", "high"),
+        ("last_p50_ms", "put -> last watcher p50 ms", "low"),
+        ("last_p99_ms", "put -> last watcher p99 ms", "low"),
+        ("p99_ratio", "put -> last watcher p99, with / without", "low"),
+        ("p50_ratio", "put -> last watcher p50, with / without", "low"),
+        ("events_ratio", "events/s, with / without", "high"),
+        ("rss_before_mb", "target RSS before the puts MB", "low"),
+        ("rss_after_mb", "target RSS after the puts MB", "low"),
+        ("rss_growth_mb", "target RSS growth during the run with the stalled client MB", "low"),
+        ("stalled_kb", "kB the stalled stream got while not reading", None),
+        ("stalled_grpc_status", "grpc-status ending the stalled stream (8 = RESOURCE_EXHAUSTED)", None),
+        ("target_cpu_per_1M_events", "target CPU s /1M events", "low"),
+        ("machine_busy_pct", "machine busy % (2 cores)", None)]),
 }
 
 
@@ -1081,7 +1297,15 @@ def render_markdown(summary, records, failures, meta):
                     ratio_cell(ratio(med["this"], med["go"])), ratio_cell(ratio(med["this"], med["direct"]))))
                 first = False
         lines.append("")
+        lines += notes(records, w)
     return "\n".join(lines) + "\n"
+
+
+def notes(records, workload):
+    """Markdown list of the runs' notes (``extra["note"]``) for ``workload``."""
+    out = ["- rep %d: %s" % (r["rep"] + 1, r["extra"]["note"]) for r in records
+           if r["workload"] == workload and "note" in r.get("extra", {})]
+    return out + [""] if out else []
 
 
 def write_results(outdir, summary, records, failures, meta):

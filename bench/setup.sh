@@ -4,7 +4,7 @@
 #
 #   bench/.build/bin/benchmark          etcd's own tools/benchmark (W1-W3), built
 #                                       from Debian's source package of etcd
-#   bench/.build/bin/etcdbench-driver   bench/driver/main.go (W4-W6, compaction)
+#   bench/.build/bin/etcdbench-driver   bench/driver/main.go (W4-W7, compaction)
 #
 # Both are built offline in GOPATH mode (GO111MODULE=off) against the Go
 # libraries of Debian's golang-*-dev packages under /usr/share/gocode.

@@ -1,5 +1,5 @@
 // etcdbench-driver: the load generator for the watch, idle and lease
-// workloads (W4-W6) of the etcdgrpcproxy bench suite.
+// workloads (W4-W7) of the etcdgrpcproxy bench suite.
 //
 // It speaks etcd's v3 gRPC API directly (etcdserverpb + grpc-go, both from
 // Debian's golang-*-dev packages; built with GO111MODULE=off), so it is the
@@ -216,62 +216,152 @@ func latencySummary(prefix string, lats []float64, obj map[string]interface{}) {
 
 // ------------------------------------------------------------------ watchers
 
+// watchStream is one Watch stream and the watchers created on it, one after
+// the other.
+type watchStream struct {
+	idx      int
+	stream   pb.Watch_WatchClient
+	cancel   context.CancelFunc
+	watchers map[int64]*watcher // by watch_id
+	done     chan struct{}      // closed when its receive loop ends
+}
+
+// watcher is one watch on a stream; what it receives is checked per
+// (stream, watch_id).
 type watcher struct {
-	idx     int
-	stream  pb.Watch_WatchClient
-	cancel  context.CancelFunc
+	idx     int // over all streams
+	stream  int
+	watchID int64
 	lastRev int64
 	count   int64
 	sumSeq  int64
 	dups    int64
 	reorder int64
-	done    chan struct{}
 }
 
-// openWatchers opens n watch streams, each with one watcher on keyOf(i),
-// spread round-robin over conns, and waits for every "created" answer.
-func openWatchers(conns []*grpc.ClientConn, n int, keyOf func(i int) string, par int,
-	timeout time.Duration, errs *errorLog) []*watcher {
-	ws := make([]*watcher, n)
+func (w *watcher) String() string {
+	return fmt.Sprintf("watcher %d (stream %d, watch_id %d)", w.idx, w.stream, w.watchID)
+}
+
+// openWatchers opens ceil(n/perStream) watch streams, spread round-robin
+// over conns, and creates perStream watchers on each (the last one may get
+// fewer), watcher i on keyOf(i); it waits for every "created" answer.
+func openWatchers(conns []*grpc.ClientConn, n, perStream int, keyOf func(i int) string, par int,
+	timeout time.Duration, errs *errorLog) []*watchStream {
+	if perStream < 1 {
+		perStream = 1
+	}
+	streams := make([]*watchStream, ceilDiv(n, perStream))
 	var failed int64
-	ok := runParallel(n, par, timeout, func(i int) {
-		ctx, cancel := context.WithCancel(context.Background())
-		st, err := pb.NewWatchClient(conns[i%len(conns)]).Watch(ctx)
+	ok := runParallel(len(streams), par, timeout, func(s int) {
+		last := s*perStream + perStream
+		if last > n {
+			last = n
+		}
+		ws, err := openStream(conns[s%len(conns)], s, s*perStream, last, keyOf)
 		if err != nil {
-			cancel()
 			atomic.AddInt64(&failed, 1)
-			errs.add("watch_open", "watcher %d: %v", i, err)
+			errs.add("watch_open", "stream %d: %v", s, err)
 			return
 		}
-		req := &pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
-			CreateRequest: &pb.WatchCreateRequest{Key: []byte(keyOf(i))}}}
-		if err := st.Send(req); err != nil {
-			cancel()
-			atomic.AddInt64(&failed, 1)
-			errs.add("watch_open", "watcher %d send: %v", i, err)
-			return
-		}
-		resp, err := st.Recv()
-		if err != nil || !resp.Created || resp.Canceled {
-			cancel()
-			atomic.AddInt64(&failed, 1)
-			if err == nil {
-				err = fmt.Errorf("unexpected first response created=%v canceled=%v reason=%q",
-					resp.Created, resp.Canceled, resp.CancelReason)
-			}
-			errs.add("watch_open", "watcher %d: %v", i, err)
-			return
-		}
-		ws[i] = &watcher{idx: i, stream: st, cancel: cancel, done: make(chan struct{})}
+		streams[s] = ws
 	})
 	if !ok {
 		fatalf("creating %d watchers did not finish within %s", n, timeout)
 	}
 	if failed > 0 {
 		_, s, _ := errs.snapshot()
-		fatalf("%d of %d watchers could not be created: %s", failed, n, strings.Join(s, "; "))
+		fatalf("%d of %d watch streams (%d watchers each) could not be set up: %s",
+			failed, len(streams), perStream, strings.Join(s, "; "))
 	}
-	return ws
+	return streams
+}
+
+// openStream opens watch stream s on conn and creates the watchers
+// first..last-1 on it, in turn.
+func openStream(conn *grpc.ClientConn, s, first, last int, keyOf func(i int) string) (*watchStream, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	st, err := pb.NewWatchClient(conn).Watch(ctx)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	ws := &watchStream{idx: s, stream: st, cancel: cancel, watchers: map[int64]*watcher{},
+		done: make(chan struct{})}
+	for i := first; i < last; i++ {
+		id, err := createWatch(st, keyOf(i))
+		if err == nil && ws.watchers[id] != nil {
+			err = fmt.Errorf("watch_id %d given twice on one stream", id)
+		}
+		if err != nil {
+			cancel()
+			return nil, fmt.Errorf("watcher %d: %v", i, err)
+		}
+		ws.watchers[id] = &watcher{idx: i, stream: s, watchID: id}
+	}
+	return ws, nil
+}
+
+// createWatch sends a create request on st and returns the watch_id of the
+// "created" answer.
+func createWatch(st pb.Watch_WatchClient, key string) (int64, error) {
+	req := &pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
+		CreateRequest: &pb.WatchCreateRequest{Key: []byte(key)}}}
+	if err := st.Send(req); err != nil {
+		return 0, fmt.Errorf("send: %v", err)
+	}
+	resp, err := st.Recv()
+	if err != nil {
+		return 0, err
+	}
+	if !resp.Created || resp.Canceled {
+		return 0, fmt.Errorf("unexpected first response created=%v canceled=%v reason=%q",
+			resp.Created, resp.Canceled, resp.CancelReason)
+	}
+	return resp.WatchId, nil
+}
+
+// receive reads ws until it ends and passes each response to handle with
+// the watcher it is for. Errors (a failed stream, a cancelled watch, an
+// unknown watch_id) are counted unless *stopping is set.
+func (ws *watchStream) receive(stopping *int32, errs *errorLog, handle func(*watcher, *pb.WatchResponse)) {
+	defer close(ws.done)
+	for {
+		resp, err := ws.stream.Recv()
+		quiet := atomic.LoadInt32(stopping) != 0
+		if err != nil {
+			if !quiet {
+				errs.add("watch_recv", "stream %d: %v", ws.idx, err)
+			}
+			return
+		}
+		w := ws.watchers[resp.WatchId]
+		switch {
+		case w == nil:
+			errs.add("unknown_watch_id", "stream %d: watch_id %d", ws.idx, resp.WatchId)
+		case resp.Canceled:
+			if !quiet {
+				errs.add("watch_canceled", "%v: reason=%q compact_revision=%d",
+					w, resp.CancelReason, resp.CompactRevision)
+			}
+		default:
+			handle(w, resp)
+		}
+	}
+}
+
+// stopStreams cancels every stream and waits (a bounded time) for its
+// receive loop to end.
+func stopStreams(streams []*watchStream) {
+	for _, ws := range streams {
+		ws.cancel()
+	}
+	for _, ws := range streams {
+		select {
+		case <-ws.done:
+		case <-time.After(5 * time.Second):
+		}
+	}
 }
 
 // ------------------------------------------------------------------ watchfan
@@ -289,72 +379,62 @@ type fanState struct {
 	valueBytes int
 }
 
-func (f *fanState) watchLoop(w *watcher) {
-	defer close(w.done)
-	for {
-		resp, err := w.stream.Recv()
-		if err != nil {
-			if atomic.LoadInt32(&f.stopping) == 0 {
-				f.errs.add("watch_recv", "watcher %d: %v", w.idx, err)
-			}
-			return
-		}
-		if resp.Canceled {
-			if atomic.LoadInt32(&f.stopping) == 0 {
-				f.errs.add("watch_canceled", "watcher %d: reason=%q compact_revision=%d",
-					w.idx, resp.CancelReason, resp.CompactRevision)
-			}
-			return
-		}
-		if resp.CompactRevision != 0 {
-			f.errs.add("watch_compacted", "watcher %d: compact_revision=%d", w.idx, resp.CompactRevision)
-		}
-		for _, ev := range resp.Events {
-			if ev.Type != mvccpb.PUT || ev.Kv == nil {
-				f.errs.add("unexpected_event", "watcher %d: %v", w.idx, ev.Type)
-				continue
-			}
-			rev := ev.Kv.ModRevision
-			if rev == w.lastRev {
-				w.dups++
-				continue
-			}
-			if rev < w.lastRev {
-				w.reorder++
-				continue
-			}
-			w.lastRev = rev
-			if len(ev.Kv.Value) < 10 {
-				f.errs.add("bad_value", "watcher %d: value %q", w.idx, ev.Kv.Value)
-				continue
-			}
-			seq, perr := strconv.ParseInt(string(ev.Kv.Value[:10]), 10, 64)
-			if perr != nil || seq < 1 || seq >= int64(len(f.counts)) {
-				f.errs.add("bad_value", "watcher %d: value %q", w.idx, ev.Kv.Value[:10])
-				continue
-			}
-			w.count++
-			w.sumSeq += seq
-			if atomic.AddInt32(&f.counts[seq], 1) == f.n {
-				atomic.StoreInt64(&f.doneNs[seq], time.Now().UnixNano())
-				atomic.AddInt64(&f.fullyDone, 1)
-				f.mu.Lock()
-				f.cond.Broadcast()
-				f.mu.Unlock()
-			}
-		}
+func (f *fanState) handle(w *watcher, resp *pb.WatchResponse) {
+	if resp.CompactRevision != 0 {
+		f.errs.add("watch_compacted", "%v: compact_revision=%d", w, resp.CompactRevision)
+	}
+	for _, ev := range resp.Events {
+		f.event(w, ev)
+	}
+}
+
+// event checks one event for w: a PUT of the next revision (not one it had,
+// not an older one) whose value starts with a valid sequence number.
+func (f *fanState) event(w *watcher, ev *mvccpb.Event) {
+	if ev.Type != mvccpb.PUT || ev.Kv == nil {
+		f.errs.add("unexpected_event", "%v: %v", w, ev.Type)
+		return
+	}
+	rev := ev.Kv.ModRevision
+	if rev == w.lastRev {
+		w.dups++
+		return
+	}
+	if rev < w.lastRev {
+		w.reorder++
+		return
+	}
+	w.lastRev = rev
+	if len(ev.Kv.Value) < 10 {
+		f.errs.add("bad_value", "%v: value %q", w, ev.Kv.Value)
+		return
+	}
+	seq, perr := strconv.ParseInt(string(ev.Kv.Value[:10]), 10, 64)
+	if perr != nil || seq < 1 || seq >= int64(len(f.counts)) {
+		f.errs.add("bad_value", "%v: value %q", w, ev.Kv.Value[:10])
+		return
+	}
+	w.count++
+	w.sumSeq += seq
+	if atomic.AddInt32(&f.counts[seq], 1) == f.n {
+		atomic.StoreInt64(&f.doneNs[seq], time.Now().UnixNano())
+		atomic.AddInt64(&f.fullyDone, 1)
+		f.mu.Lock()
+		f.cond.Broadcast()
+		f.mu.Unlock()
 	}
 }
 
 func cmdWatchfan(args []string) {
 	fs := flag.NewFlagSet("watchfan", flag.ExitOnError)
 	endpoint := fs.String("endpoint", "127.0.0.1:2379", "target gRPC endpoint (host:port)")
-	nw := fs.Int("watchers", 100, "watchers on the key (one watch stream each)")
+	nw := fs.Int("watchers", 100, "watchers on the key")
+	perStream := fs.Int("per-stream", 1, "watchers per watch stream (created one after the other on it)")
 	perConn := fs.Int("per-conn", 20, "watch streams per client connection")
 	key := fs.String("key", "/bench/w4", "the watched key (use a fresh one per run)")
 	writers := fs.Int("writers", 4, "concurrent writer goroutines (one connection)")
 	window := fs.Int64("window", 4, "max puts not yet delivered to every watcher")
-	duration := fs.Duration("duration", 5*time.Second, "how long the writers put")
+	duration := fs.Duration("duration", 5*time.Second, "how long the writers put (0: until -max-puts)")
 	maxPuts := fs.Int("max-puts", 200000, "stop after this many puts")
 	valSize := fs.Int("value-size", 128, "bytes per value (>= 10)")
 	setupTimeout := fs.Duration("setup-timeout", 120*time.Second, "watcher creation timeout")
@@ -366,17 +446,18 @@ func cmdWatchfan(args []string) {
 	}
 	errs := newErrorLog()
 	t0 := time.Now()
-	conns := dialMany(*endpoint, ceilDiv(*nw, *perConn), 15*time.Second)
-	ws := openWatchers(conns, *nw, func(int) string { return *key }, 64, *setupTimeout, errs)
+	conns := dialMany(*endpoint, ceilDiv(ceilDiv(*nw, *perStream), *perConn), 15*time.Second)
+	streams := openWatchers(conns, *nw, *perStream, func(int) string { return *key }, 64, *setupTimeout, errs)
 	setup := time.Since(t0).Seconds()
 
 	f := &fanState{n: int32(*nw), counts: make([]int32, *maxPuts+1), sendNs: make([]int64, *maxPuts+1),
 		doneNs: make([]int64, *maxPuts+1), errs: errs, valueBytes: *valSize}
 	f.cond = sync.NewCond(&f.mu)
-	for _, w := range ws {
-		go f.watchLoop(w)
+	for _, ws := range streams {
+		go ws.receive(&f.stopping, errs, f.handle)
 	}
-	phase(map[string]interface{}{"phase": "ready", "setup_s": setup, "connections": len(conns)})
+	phase(map[string]interface{}{"phase": "ready", "setup_s": setup, "connections": len(conns),
+		"streams": len(streams)})
 
 	wconn, err := dialOne(*endpoint, 15*time.Second)
 	if err != nil {
@@ -389,6 +470,9 @@ func cmdWatchfan(args []string) {
 	stalled := int32(0)
 	start := time.Now()
 	deadline := start.Add(*duration)
+	if *duration <= 0 {
+		deadline = start.Add(100 * 365 * 24 * time.Hour) // until -max-puts
+	}
 	// wake waiting writers now and then so they notice deadlines and stalls
 	tick := time.NewTicker(50 * time.Millisecond)
 	tickDone := make(chan struct{})
@@ -488,30 +572,8 @@ func cmdWatchfan(args []string) {
 		elapsed = float64(lastDone-start.UnixNano()) / 1e9
 	}
 	atomic.StoreInt32(&f.stopping, 1)
-	var delivered, lost, dups, reorder, sumMismatch int64
-	wantSum := total * (total + 1) / 2
-	for _, w := range ws {
-		w.cancel()
-	}
-	for _, w := range ws {
-		select {
-		case <-w.done:
-		case <-time.After(5 * time.Second):
-		}
-		delivered += w.count
-		dups += w.dups
-		reorder += w.reorder
-		if w.count < total {
-			lost += total - w.count
-		}
-		if w.count == total && w.sumSeq != wantSum {
-			sumMismatch++
-		}
-	}
-	errs.addN("lost", lost)
-	errs.addN("duplicated", dups)
-	errs.addN("reordered", reorder)
-	errs.addN("seq_mismatch", sumMismatch)
+	stopStreams(streams)
+	delivered := checkWatchers(streams, total, errs)
 	if atomic.LoadInt32(&stalled) != 0 {
 		errs.add("stalled", "no put was fully delivered for %s (%d of %d)", *stallTimeout, fully, total)
 	}
@@ -519,9 +581,9 @@ func cmdWatchfan(args []string) {
 		errs.add("undelivered", "%d of %d puts not delivered to every watcher after %s", total-fully, total, *drainTimeout)
 	}
 	res := map[string]interface{}{
-		"phase": "done", "watchers": *nw, "connections": len(conns), "puts": total,
+		"phase": "done", "watchers": *nw, "connections": len(conns), "streams": len(streams), "puts": total,
 		"fully_delivered_puts": fully, "events_delivered": delivered, "elapsed_s": elapsed,
-		"put_phase_s": putsEnd.Sub(start).Seconds(),
+		"put_phase_s":  putsEnd.Sub(start).Seconds(),
 		"events_per_s": float64(delivered) / math.Max(elapsed, 1e-9),
 		"puts_per_s":   float64(total) / math.Max(elapsed, 1e-9),
 		"window":       *window, "writers": *writers, "setup_s": setup,
@@ -532,6 +594,32 @@ func cmdWatchfan(args []string) {
 	wconn.Close()
 	closeAll(conns)
 	emit(map[string]interface{}{"phase": "exit"})
+}
+
+// checkWatchers counts, over every watcher, the events it lost, got twice
+// or out of order, and a wrong set of sequence numbers, for total puts;
+// returns the events delivered.
+func checkWatchers(streams []*watchStream, total int64, errs *errorLog) int64 {
+	var delivered, lost, dups, reorder, sumMismatch int64
+	wantSum := total * (total + 1) / 2
+	for _, ws := range streams {
+		for _, w := range ws.watchers {
+			delivered += w.count
+			dups += w.dups
+			reorder += w.reorder
+			if w.count < total {
+				lost += total - w.count
+			}
+			if w.count == total && w.sumSeq != wantSum {
+				sumMismatch++
+			}
+		}
+	}
+	errs.addN("lost", lost)
+	errs.addN("duplicated", dups)
+	errs.addN("reordered", reorder)
+	errs.addN("seq_mismatch", sumMismatch)
+	return delivered
 }
 
 // ---------------------------------------------------------------------- idle
@@ -549,7 +637,7 @@ func cmdIdle(args []string) {
 	errs := newErrorLog()
 	t0 := time.Now()
 	var conns []*grpc.ClientConn
-	var ws []*watcher
+	var streams []*watchStream
 	var stopping int32
 	if *nw > 0 {
 		conns = dialMany(*endpoint, ceilDiv(*nw, *perConn), 15*time.Second)
@@ -557,25 +645,10 @@ func cmdIdle(args []string) {
 		if *keyMode == "distinct" {
 			keyOf = func(i int) string { return fmt.Sprintf("%s/%06d", *key, i) }
 		}
-		ws = openWatchers(conns, *nw, keyOf, 64, *setupTimeout, errs)
-		for _, w := range ws {
-			go func(w *watcher) {
-				// idle watchers expect no event at all
-				defer close(w.done)
-				for {
-					resp, err := w.stream.Recv()
-					if err != nil {
-						if atomic.LoadInt32(&stopping) == 0 {
-							errs.add("watch_recv", "watcher %d: %v", w.idx, err)
-						}
-						return
-					}
-					if resp.Canceled && atomic.LoadInt32(&stopping) == 0 {
-						errs.add("watch_canceled", "watcher %d: %q", w.idx, resp.CancelReason)
-						return
-					}
-				}
-			}(w)
+		streams = openWatchers(conns, *nw, 1, keyOf, 64, *setupTimeout, errs)
+		for _, ws := range streams {
+			// idle watchers expect no event at all: events are ignored
+			go ws.receive(&stopping, errs, func(*watcher, *pb.WatchResponse) {})
 		}
 	} else if *nc > 0 {
 		conns = dialMany(*endpoint, *nc, 15*time.Second)
@@ -595,9 +668,7 @@ func cmdIdle(args []string) {
 	errs.into(ready)
 	phase(ready)
 	atomic.StoreInt32(&stopping, 1)
-	for _, w := range ws {
-		w.cancel()
-	}
+	stopStreams(streams)
 	closeAll(conns)
 	res := map[string]interface{}{"phase": "exit"}
 	errs.into(res)
