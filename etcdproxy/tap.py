@@ -10,8 +10,8 @@ from twisted.internet import defer
 from twisted.python import usage
 
 from etcdproxy.services.watch_responses import DEFAULT_FRAGMENT_SIZE
-from etcdproxy.tls import TLS_VERSIONS, ClientTLS, ServerTLSOptions, self_signed
-from etcdproxy.upstream.endpoints import parse_endpoints
+from etcdproxy.tls import TLS_VERSIONS, ClientTLS, ReloadableServerTLS, ServerTLSOptions, self_signed
+from etcdproxy.upstream.endpoints import parse_endpoints, read_endpoints_text
 from etcdproxy.upstream.policy import POLICIES
 
 
@@ -58,6 +58,9 @@ class Options(usage.Options):
          "comma-separated etcd endpoints, host:port or http://host:port; with "
          "--endpoint-policy=weighted each may end with =WEIGHT (a positive integer, "
          "default 1), e.g. 10.0.0.1:2379=3,10.0.0.2:2379=1"],
+        ["endpoints-file", None, None,
+         "read the endpoints from this file instead (entries separated by commas, spaces or "
+         "lines, # comments), and again on SIGHUP"],
         ["endpoint-policy", None, "sticky",
          "which endpoint new calls go to: sticky (one picked at random at start, "
          "used until it fails), round-robin (each call to the next healthy one), "
@@ -162,11 +165,9 @@ class Options(usage.Options):
     def postOptions(self):
         if self["endpoint-policy"] not in POLICIES:
             raise usage.UsageError(f"--endpoint-policy must be one of {', '.join(POLICIES)}")
-        if "=" in self["endpoints"] and self["endpoint-policy"] != "weighted":
-            raise usage.UsageError("--endpoints: weights (host:port=WEIGHT) need --endpoint-policy=weighted")
         try:
-            self["endpoints"] = parse_endpoints(self["endpoints"])
-        except ValueError as e:
+            self["endpoints"] = self.read_endpoints()
+        except (OSError, ValueError) as e:
             raise usage.UsageError(f"--endpoints: {e}")
         if self["upstream-keepalive-interval"] < 5:
             raise usage.UsageError("--upstream-keepalive-interval must be at least 5 (etcd's minimum)")
@@ -206,6 +207,15 @@ class Options(usage.Options):
             self["metrics-description"] = _listen_description(address.removeprefix("http://"))
         self._tls()
 
+    def read_endpoints(self):
+        """The endpoints, from --endpoints-file when given (read again on SIGHUP)."""
+        text = self["endpoints"]
+        if self["endpoints-file"]:
+            text = read_endpoints_text(self["endpoints-file"])
+        if "=" in text and self["endpoint-policy"] != "weighted":
+            raise ValueError("weights (host:port=WEIGHT) need --endpoint-policy=weighted")
+        return parse_endpoints(text)
+
     def _tls(self):
         """Loads the certificates now, so that a bad file stops the start with a clear message."""
         for first, second in (("cert-file", "key-file"), ("cert", "key")):
@@ -223,9 +233,9 @@ class Options(usage.Options):
             raise usage.UsageError("--trusted-ca-file and --client-crl-file need --cert-file or --auto-tls")
         suites = [c.strip() for c in (self["listen-cipher-suites"] or "").split(",") if c.strip()]
         try:
-            self["server-tls"] = cert_file and ServerTLSOptions(
+            self["server-tls"] = cert_file and ReloadableServerTLS(lambda: ServerTLSOptions(
                 cert_file, key_file, self["trusted-ca-file"], self["client-crl-file"],
-                self["tls-min-version"], self["tls-max-version"], suites)
+                self["tls-min-version"], self["tls-max-version"], suites))
             self["client-tls"] = ClientTLS(self["cacert"], self["cert"], self["key"],
                                            self["insecure-skip-tls-verify"])
         except (OSError, ValueError, crypto.Error) as e:
@@ -262,6 +272,7 @@ def makeService(options):
     from etcdproxy.grpc.sniff import SniffingFactory
     from etcdproxy.http import make_site
     from etcdproxy.metrics import CallLog, make_registry
+    from etcdproxy.reload import ReloadOnHangup
     from etcdproxy.tls import TLSServerEndpoint
     from etcdproxy.upstream.monitor import EndpointMonitor
 
@@ -310,6 +321,10 @@ def makeService(options):
     server = GRPCServerService(endpoint, factory, options["drain-timeout"], SniffingFactory(factory, site))
     server.setName("grpc-server")
     server.setServiceParent(top)
+    reloads = [("TLS certificates", options["server-tls"].reload)] if options["server-tls"] else []
+    if options["endpoints-file"]:
+        reloads.append(("etcd endpoints", lambda: monitor.set_endpoints(options.read_endpoints())))
+    ReloadOnHangup(reactor, reloads).setServiceParent(top)
     if options["metrics-addr"]:
         metrics = strports.service(options["metrics-description"], site, reactor=reactor)
         metrics.setName("metrics-server")

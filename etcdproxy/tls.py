@@ -111,6 +111,22 @@ class ServerTLSOptions(ssl.CertificateOptions):
         return context
 
 
+class ReloadableServerTLS:
+    """The proxy's TLS options, made again from their files on reload
+    (SIGHUP): new connections get the new certificate, established ones keep
+    theirs. A reload that fails (a bad file) keeps the options in force."""
+
+    def __init__(self, make):
+        self._make = make
+        self.options = make()
+
+    def reload(self):
+        self.options = self._make()
+
+    def getContext(self):  # asked for each new connection
+        return self.options.getContext()
+
+
 def _add_crl(store, pem):
     """pyOpenSSL takes cryptography's CRL objects (newer releases) or its own
     (older ones, e.g. Debian bookworm's 23.0)."""

@@ -52,3 +52,12 @@ def parse_endpoints(text):
     if len(set((e.host, e.port) for e in endpoints)) != len(endpoints):
         raise ValueError("an endpoint is given twice")
     return endpoints
+
+
+def read_endpoints_text(path):
+    """An endpoints file (--endpoints-file): entries separated by commas,
+    spaces or lines; ``#`` starts a comment. Returns them as --endpoints
+    takes them."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.split("#", 1)[0] for line in f]
+    return ",".join(" ".join(lines).replace(",", " ").split())

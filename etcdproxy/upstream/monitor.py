@@ -35,6 +35,8 @@ from etcdproxy.grpc.status import GRPCError, StatusCode
 from etcdproxy.pb.etcdserverpb import rpc_pb2
 
 NO_ENDPOINT = "no healthy etcd endpoint"
+# Seconds a member removed by a reload keeps its connection, for the calls on it.
+LEAVE_GRACE = 5.0
 from etcdproxy.upstream.policy import make_policy
 
 STATUS = b"/etcdserverpb.Maintenance/Status"
@@ -129,15 +131,53 @@ class EndpointMonitor(service.Service):
         if channel_factory is None:
             channel_factory = functools.partial(
                 self._make_channel, limits, keepalive_interval, keepalive_timeout, connect_timeout)
-        self.members = []
-        for endpoint in endpoints:
-            member = Member(endpoint, Backoff(probe_backoff_initial, probe_backoff_max))
-            member.channel = channel_factory(endpoint)
-            member.channel.on_failure = functools.partial(self._connection_failed, member)
-            self.members.append(member)
+        self._channel_factory = channel_factory
+        self._backoff = (probe_backoff_initial, probe_backoff_max)
+        self.members = [self._new_member(endpoint) for endpoint in endpoints]
         self.policy = make_policy(policy, {m: m.endpoint.weight for m in self.members}, self._rng)
         self._pool = list(self.members)  # the healthy members, in --endpoints order
         self.failovers = 0  # times a member left the pool
+
+    def _new_member(self, endpoint):
+        member = Member(endpoint, Backoff(*self._backoff))
+        member.channel = self._channel_factory(endpoint)
+        member.channel.on_failure = functools.partial(self._connection_failed, member)
+        return member
+
+    def set_endpoints(self, endpoints, grace=LEAVE_GRACE):
+        """A new endpoint list (reload): endpoints no longer listed leave the
+        pool at once, their connection closed ``grace`` s later (calls in
+        flight finish; the proxy's own streams on it then move elsewhere);
+        new ones join it once their health checks pass, as a member that
+        comes back does."""
+        wanted = {(e.host, e.port): e for e in endpoints}
+        kept = []
+        for member in self.members:
+            if (member.endpoint.host, member.endpoint.port) in wanted:
+                kept.append(member)
+            else:
+                self._stop_checks(member)
+                self.reactor.callLater(grace, member.channel.close)
+        known = {(m.endpoint.host, m.endpoint.port) for m in kept}
+        for key, endpoint in wanted.items():
+            if key not in known:
+                member = self._new_member(endpoint)
+                member.healthy = False
+                kept.append(member)
+                if self.running:
+                    self._schedule(member, 0)
+        self.members = kept
+        self._pool = [m for m in self.members if m.healthy]
+        self.policy.set_weights({m: m.endpoint.weight for m in self.members})
+        self._log.info("etcd endpoints now {endpoints}: {pick}",
+                       endpoints=", ".join(str(m) for m in self.members), pick=self._describe_pick())
+
+    def _stop_checks(self, member):
+        if member.timer is not None and member.timer.active():
+            member.timer.cancel()
+        member.timer = None
+        if member.check is not None:
+            member.check.cancel()
 
     def _make_channel(self, limits, keepalive_interval, keepalive_timeout, connect_timeout, endpoint):
         connector = HostnameEndpoint(self.reactor, endpoint.host, endpoint.port, timeout=connect_timeout)
@@ -201,11 +241,7 @@ class EndpointMonitor(service.Service):
     def stopService(self):
         super().stopService()
         for member in self.members:
-            if member.timer is not None and member.timer.active():
-                member.timer.cancel()
-            member.timer = None
-            if member.check is not None:
-                member.check.cancel()
+            self._stop_checks(member)
             member.channel.close()
 
     # -- health -------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 Pure logic. ``choose(pool)`` gets the healthy members, a non-empty list in
 --endpoints order, and returns one of them; members are any hashable objects.
+``set_weights({member: weight})`` tells the members after a reload.
 
 - sticky: one member, picked at random, serves every call until it leaves the
   pool; then another is picked at random among the healthy ones. Different proxy
@@ -23,6 +24,9 @@ class StickyRandom:
         self._rng = rng or random.Random()
         self.current = None
 
+    def set_weights(self, weights):
+        pass
+
     def choose(self, pool):
         if self.current not in pool:
             self.current = self._rng.choice(pool)
@@ -35,6 +39,9 @@ class RoundRobin:
     def __init__(self):
         self._next = 0
 
+    def set_weights(self, weights):
+        pass
+
     def choose(self, pool):
         member = pool[self._next % len(pool)]
         self._next = (self._next + 1) % len(pool)
@@ -46,6 +53,9 @@ class WeightedRoundRobin:
 
     def __init__(self, weights):
         """``weights``: {member: positive int}."""
+        self.set_weights(weights)
+
+    def set_weights(self, weights):
         self._weights = dict(weights)
         self._current = dict.fromkeys(self._weights, 0)
 
