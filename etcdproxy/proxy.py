@@ -1,6 +1,7 @@
 """Which handler serves each etcd method."""
 
 from etcdproxy.services.catalog import METHOD_PATHS, unknown_method_error
+from etcdproxy.services.cluster import MEMBER_LIST_PATH, MemberListCall
 from etcdproxy.services.forward import ForwardedCall
 from etcdproxy.services.lease import KEEPALIVE_PATH, REVOKE_PATH, KeepAliveStream, RevokeCall
 from etcdproxy.services.lease_coalescer import LeaseCoalescer
@@ -14,8 +15,11 @@ _INVALIDATING = frozenset([*KV_WRITES, COMPACT_PATH, *AUTH_WRITES])
 
 
 class ProxyRouter:
-    def __init__(self, upstream, watches=None, leases=None, cache=None, client_limits=None):
+    def __init__(self, upstream, watches=None, leases=None, cache=None, client_limits=None,
+                 advertise="127.0.0.1:23790", registration=None):
         self.upstream = upstream  # the EndpointMonitor
+        self.advertise = advertise  # this proxy's address, for MemberList
+        self.registration = registration  # the Registration service (--resolver-prefix), or None
         self.watches = watches or WatchBroadcaster(upstream)
         self.leases = leases or LeaseCoalescer(upstream)
         self.cache = cache  # a RangeCache, or None: Range is relayed as it is
@@ -36,6 +40,8 @@ class ProxyRouter:
             return KeepAliveStream(self.leases)
         if path == REVOKE_PATH:
             return RevokeCall(self.upstream, self.leases)
+        if path == MEMBER_LIST_PATH:
+            return MemberListCall(self.advertise, self.registration)
         if self.cache is not None:
             if path == RANGE_PATH:
                 return RangeCall(self.cache, self.upstream)

@@ -28,9 +28,6 @@ def _listen_description(address):
 
 NOT_IMPLEMENTED = {
     "namespace": "key namespaces",
-    "resolver-prefix": "registration of the proxy in etcd",
-    "resolver-ttl": "registration of the proxy in etcd",
-    "advertise-client-url": "registration of the proxy in etcd",
     "discovery-srv": "DNS SRV discovery",
     "discovery-srv-name": "DNS SRV discovery",
     "experimental-leasing-prefix": "leasing",
@@ -141,6 +138,13 @@ class Options(usage.Options):
         ["cacert", None, None, "verify etcd's certificates with this CA bundle (default: the system's)"],
         ["cert", None, None, "client certificate presented to etcd (PEM)"],
         ["key", None, None, "the private key of --cert (PEM)"],
+        ["resolver-prefix", None, None,
+         "register this proxy in etcd under this prefix (etcd's naming format); MemberList "
+         "through any proxy then lists the registered proxies"],
+        ["resolver-ttl", None, 60, "seconds a registration outlives a proxy that died", _positive_int("resolver-ttl")],
+        ["advertise-client-url", None, None,
+         "this proxy's address for clients (host:port), as registered and as MemberList "
+         "answers it (default: --listen-addr)"],
         ["metrics-addr", None, None,
          "also serve /metrics, /health and /proxy/health on this address (host:port or "
          "http://host:port); they are always served on --listen-addr too"],
@@ -200,6 +204,7 @@ class Options(usage.Options):
         if self["enable-pprof"]:
             raise usage.UsageError("--enable-pprof is Go's runtime profiler: not available in etcdgrpcproxy")
         self["listen-description"] = _listen_description(self["listen-addr"])
+        self["advertise-client-url"] = self["advertise-client-url"] or self["listen-addr"]
         if self["metrics-addr"]:
             address = self["metrics-addr"]
             if address.startswith("https://"):
@@ -273,6 +278,7 @@ def makeService(options):
     from etcdproxy.http import make_site
     from etcdproxy.metrics import CallLog, make_registry
     from etcdproxy.reload import ReloadOnHangup
+    from etcdproxy.services.registration import Registration
     from etcdproxy.tls import TLSServerEndpoint
     from etcdproxy.upstream.monitor import EndpointMonitor
 
@@ -308,11 +314,19 @@ def makeService(options):
         cache.setServiceParent(top)
     client_limits = ClientLimits(reactor, options["client-max-rps"], options["client-burst"],
                                  options["client-max-concurrent"], options["client-limit-by"])
+    client_limits.setServiceParent(top)
     leases = LeaseCoalescer(monitor)
     leases.setServiceParent(top)
     registry, call_metrics = make_registry(monitor, top)
     observers = [call_metrics, CallLog()] if options["debug"] else [call_metrics]
-    factory = GRPCServerFactory(ProxyRouter(monitor, watches, leases=leases, cache=cache, client_limits=client_limits), reactor, limits, observers)
+    registration = None
+    if options["resolver-prefix"]:
+        registration = Registration(monitor, options["resolver-prefix"], options["advertise-client-url"],
+                                    options["resolver-ttl"])
+        registration.setServiceParent(top)
+    router = ProxyRouter(monitor, watches, leases=leases, cache=cache, client_limits=client_limits,
+                         advertise=options["advertise-client-url"], registration=registration)
+    factory = GRPCServerFactory(router, reactor, limits, observers)
     site = make_site(registry, monitor, _self_channel(reactor, options), access_log=options["debug"])
     endpoint = serverFromString(reactor, options["listen-description"])
     if options["server-tls"]:
