@@ -1,6 +1,8 @@
 """Which handler serves each etcd method."""
 
+from etcdproxy.grpc.status import GRPCError, StatusCode
 from etcdproxy.services.catalog import METHOD_PATHS, unknown_method_error
+from etcdproxy.services.namespace import UNNAMESPACED_SERVICES, Namespace, NamespacedCall, rewrites
 from etcdproxy.services.cluster import MEMBER_LIST_PATH, MemberListCall
 from etcdproxy.services.forward import ForwardedCall
 from etcdproxy.services.lease import KEEPALIVE_PATH, REVOKE_PATH, KeepAliveStream, RevokeCall
@@ -16,10 +18,11 @@ _INVALIDATING = frozenset([*KV_WRITES, COMPACT_PATH, *AUTH_WRITES])
 
 class ProxyRouter:
     def __init__(self, upstream, watches=None, leases=None, cache=None, client_limits=None,
-                 advertise="127.0.0.1:23790", registration=None):
+                 advertise="127.0.0.1:23790", registration=None, namespace=None):
         self.upstream = upstream  # the EndpointMonitor
         self.advertise = advertise  # this proxy's address, for MemberList
         self.registration = registration  # the Registration service (--resolver-prefix), or None
+        self.namespace = Namespace(namespace) if namespace else None
         self.watches = watches or WatchBroadcaster(upstream)
         self.leases = leases or LeaseCoalescer(upstream)
         self.cache = cache  # a RangeCache, or None: Range is relayed as it is
@@ -27,9 +30,18 @@ class ProxyRouter:
 
     def __call__(self, path):
         handler = self._handler(path)
+        if self.namespace is not None:
+            handler = self._namespaced(path, handler)
         if self.client_limits is not None:
             return LimitedCall(self.client_limits, handler)
         return handler
+
+    def _namespaced(self, path, handler):
+        if path.startswith(UNNAMESPACED_SERVICES):
+            raise GRPCError(StatusCode.UNIMPLEMENTED,
+                            "etcdgrpcproxy: Election and Lock are not available with --namespace yet")
+        fixes = rewrites(self.namespace, path)
+        return NamespacedCall(handler, *fixes) if fixes else handler
 
     def _handler(self, path):
         if path not in METHOD_PATHS:

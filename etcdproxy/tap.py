@@ -27,7 +27,6 @@ def _listen_description(address):
 
 
 NOT_IMPLEMENTED = {
-    "namespace": "key namespaces",
     "discovery-srv": "DNS SRV discovery",
     "discovery-srv-name": "DNS SRV discovery",
     "experimental-leasing-prefix": "leasing",
@@ -138,6 +137,9 @@ class Options(usage.Options):
         ["cacert", None, None, "verify etcd's certificates with this CA bundle (default: the system's)"],
         ["cert", None, None, "client certificate presented to etcd (PEM)"],
         ["key", None, None, "the private key of --cert (PEM)"],
+        ["namespace", None, None,
+         "prefix every key with this string on the way to etcd and strip it on the way back "
+         "(KV, Watch, LeaseTimeToLive; Election and Lock are refused under it)"],
         ["resolver-prefix", None, None,
          "register this proxy in etcd under this prefix (etcd's naming format); MemberList "
          "through any proxy then lists the registered proxies"],
@@ -325,7 +327,8 @@ def makeService(options):
                                     options["resolver-ttl"])
         registration.setServiceParent(top)
     router = ProxyRouter(monitor, watches, leases=leases, cache=cache, client_limits=client_limits,
-                         advertise=options["advertise-client-url"], registration=registration)
+                         advertise=options["advertise-client-url"], registration=registration,
+                         namespace=(options["namespace"] or "").encode() or None)
     factory = GRPCServerFactory(router, reactor, limits, observers)
     site = make_site(registry, monitor, _self_channel(reactor, options), access_log=options["debug"])
     endpoint = serverFromString(reactor, options["listen-description"])

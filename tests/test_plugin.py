@@ -57,7 +57,6 @@ class PluginTests(unittest.TestCase):
             (["--auto-tls", "--data-dir=/tmp/etcdproxy-test-autotls",
               "--listen-cipher-suites=TLS_NOPE"], "unknown cipher suite"),
             (["--watch-send-buffer=0"], "must be positive"),
-            (["--namespace=/tenant/"], "--namespace is not implemented yet"),
             (["--resolver-ttl=0"], "resolver-ttl must be positive"),
             (["--discovery-srv=example.com"], "--discovery-srv is not implemented yet"),
             (["--experimental-serializable-ordering"], "not implemented yet"),

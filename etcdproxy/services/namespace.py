@@ -1,0 +1,208 @@
+"""--namespace: every key a client sends is prefixed on the way in, and the
+prefix is stripped from every key on the way out, as etcd's Go client
+namespace package (and etcd's proxy with --namespace) does; ranges, the whole
+keyspace included, stay inside the namespace.
+
+`NamespacedCall` wraps the handler of a method with keys (KV, Watch,
+LeaseTimeToLive): request messages are rewritten before the handler sees
+them, response messages as the handler sends them. The handlers themselves
+(pass-through, range cache, watch broadcaster) never know.
+"""
+
+from google.protobuf.message import DecodeError
+from zope.interface import implementer
+
+from etcdproxy.grpc.server import ICallHandler
+from etcdproxy.grpc.status import StatusCode
+from etcdproxy.pb.etcdserverpb import rpc_pb2
+
+EMPTY_KEY = "etcdserver: key is not provided"
+
+
+class EmptyKey(Exception):
+    pass
+
+
+def prefix_interval(prefix, key, end):
+    """The namespaced [key, end) of a request (etcd's namespace/util.go)."""
+    key = prefix + key
+    if end == b"\0":  # to the end of the keyspace: to the end of the namespace
+        bound = bytearray(prefix)
+        while bound and bound[-1] == 0xFF:
+            bound.pop()
+        if not bound:
+            return key, b"\0"
+        bound[-1] += 1
+        return key, bytes(bound)
+    if end:
+        return key, prefix + end
+    return key, end
+
+
+class Namespace:
+    def __init__(self, prefix):
+        self.prefix = prefix
+
+    # -- requests ------------------------------------------------------------------
+
+    def _interval(self, request):
+        if not request.key:
+            raise EmptyKey()
+        request.key, request.range_end = prefix_interval(self.prefix, request.key, request.range_end)
+
+    def _put(self, request):
+        if not request.key:
+            raise EmptyKey()
+        request.key = self.prefix + request.key
+
+    def _txn(self, request):
+        for compare in request.compare:
+            compare.key, compare.range_end = prefix_interval(self.prefix, compare.key, compare.range_end)
+        for op in (*request.success, *request.failure):
+            kind = op.WhichOneof("request")
+            if kind == "request_put":
+                self._put(op.request_put)
+            elif kind == "request_txn":
+                self._txn(op.request_txn)
+            elif kind is not None:
+                self._interval(getattr(op, kind))
+
+    def _watch(self, request):
+        if request.HasField("create_request"):
+            create = request.create_request
+            create.key, create.range_end = prefix_interval(self.prefix, create.key, create.range_end)
+
+    # -- responses -----------------------------------------------------------------
+
+    def _strip(self, kv):
+        if kv.key.startswith(self.prefix):
+            kv.key = kv.key[len(self.prefix):]
+
+    def _range_response(self, response):
+        for kv in response.kvs:
+            self._strip(kv)
+
+    def _put_response(self, response):
+        if response.HasField("prev_kv"):
+            self._strip(response.prev_kv)
+
+    def _delete_response(self, response):
+        for kv in response.prev_kvs:
+            self._strip(kv)
+
+    def _txn_response(self, response):
+        for op in response.responses:
+            kind = op.WhichOneof("response")
+            if kind is not None:
+                getattr(self, _TXN_RESPONSES[kind])(getattr(op, kind))
+
+    def _watch_response(self, response):
+        for event in response.events:
+            self._strip(event.kv)
+            if event.HasField("prev_kv"):
+                self._strip(event.prev_kv)
+
+    def _ttl_response(self, response):
+        response.keys[:] = [k[len(self.prefix):] if k.startswith(self.prefix) else k
+                            for k in response.keys]
+
+
+_TXN_RESPONSES = {
+    "response_range": "_range_response",
+    "response_put": "_put_response",
+    "response_delete_range": "_delete_response",
+    "response_txn": "_txn_response",
+}
+
+# method path -> (request type, request rewrite, response type, response rewrite)
+_METHODS = {
+    b"/etcdserverpb.KV/Range": (rpc_pb2.RangeRequest, "_interval", rpc_pb2.RangeResponse, "_range_response"),
+    b"/etcdserverpb.KV/Put": (rpc_pb2.PutRequest, "_put", rpc_pb2.PutResponse, "_put_response"),
+    b"/etcdserverpb.KV/DeleteRange": (rpc_pb2.DeleteRangeRequest, "_interval",
+                                      rpc_pb2.DeleteRangeResponse, "_delete_response"),
+    b"/etcdserverpb.KV/Txn": (rpc_pb2.TxnRequest, "_txn", rpc_pb2.TxnResponse, "_txn_response"),
+    b"/etcdserverpb.Watch/Watch": (rpc_pb2.WatchRequest, "_watch", rpc_pb2.WatchResponse, "_watch_response"),
+    b"/etcdserverpb.Lease/LeaseTimeToLive": (rpc_pb2.LeaseTimeToLiveRequest, None,
+                                             rpc_pb2.LeaseTimeToLiveResponse, "_ttl_response"),
+}
+
+# Services whose requests name keys the proxy does not rewrite (yet): refused
+# under --namespace rather than reaching keys outside it.
+UNNAMESPACED_SERVICES = (b"/v3electionpb.Election/", b"/v3lockpb.Lock/")
+
+
+def rewrites(namespace, path):
+    """(request rewrite, response rewrite) for ``path``, each bytes -> bytes
+    (None: unchanged), or None when the method has no keys."""
+    spec = _METHODS.get(path)
+    if spec is None:
+        return None
+    request_type, request_fix, response_type, response_fix = spec
+
+    def rewrite(message_type, fix):
+        if fix is None:
+            return None
+        fix = getattr(namespace, fix)
+
+        def apply(message):
+            decoded = message_type.FromString(message)
+            fix(decoded)
+            return decoded.SerializeToString()
+        return apply
+
+    return rewrite(request_type, request_fix), rewrite(response_type, response_fix)
+
+
+class _RewritingCall:
+    """The `ServerCall` as the wrapped handler sees it: its responses rewritten."""
+
+    def __init__(self, call, rewrite):
+        self._call = call
+        self._rewrite = rewrite
+
+    def send_message(self, message):
+        self._call.send_message(self._rewrite(message))
+
+    def __getattr__(self, name):
+        return getattr(self._call, name)
+
+
+@implementer(ICallHandler)
+class NamespacedCall:
+    def __init__(self, handler, request_rewrite, response_rewrite):
+        self.handler = handler
+        self._request = request_rewrite
+        self._response = response_rewrite
+        self.call = None
+        self._refused = False
+
+    def call_started(self, call):
+        self.call = call
+        self.handler.call_started(_RewritingCall(call, self._response) if self._response else call)
+
+    def request_received(self, message):
+        if self._refused:
+            return
+        if self._request is not None:
+            try:
+                message = self._request(message)
+            except DecodeError:
+                pass  # passed on as it is: etcd (or the handler) refuses it
+            except EmptyKey:
+                self._refused = True
+                self.handler.call_cancelled(None)
+                self.call.finish(StatusCode.INVALID_ARGUMENT, EMPTY_KEY)
+                return
+        self.handler.request_received(message)
+
+    def half_closed(self):
+        if not self._refused:
+            self.handler.half_closed()
+
+    def call_cancelled(self, error):
+        if not self._refused:
+            self.handler.call_cancelled(error)
+
+    def call_draining(self):
+        if not self._refused:
+            self.handler.call_draining()

@@ -1,0 +1,83 @@
+"""--namespace: two proxies with different namespaces over one etcd never see
+each other's keys, watches, ranges over the whole keyspace and Txn included;
+keys come back without the prefix."""
+
+import grpc
+
+from etcdproxy.pb.v3lockpb import v3lock_pb2
+from tests.support.etcdctl import etcdctl
+from tests.support.grpcio import R, Stream, Stubs, rpc_error
+from tests.support.proxy import ProxyProcess
+from tests.support.targets import EtcdProxyTestCase
+
+A, B = b"/tenant-a/", b"/tenant-b/"
+
+
+class NamespaceTests(EtcdProxyTestCase):
+    proxy_args = ("--namespace", A.decode())
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.other = ProxyProcess(cls.etcd.endpoints, extra_args=["--namespace", B.decode()])
+        cls.other.start()
+        cls.addClassCleanup(cls.other.stop)
+        cls.a, cls.b, cls.d = Stubs(cls.proxied), Stubs(cls.other.address), Stubs(cls.direct)
+        for stubs in (cls.a, cls.b, cls.d):
+            cls.addClassCleanup(stubs.close)
+
+    def test_keys_stay_in_their_namespace(self):
+        self.a.kv.Put(R.PutRequest(key=b"k", value=b"from a"))
+        self.b.kv.Put(R.PutRequest(key=b"k", value=b"from b"))
+        self.assertEqual(self.a.kv.Range(R.RangeRequest(key=b"k")).kvs[0].value, b"from a")
+        self.assertEqual(self.b.kv.Range(R.RangeRequest(key=b"k")).kvs[0].value, b"from b")
+        self.assertEqual(self.d.kv.Range(R.RangeRequest(key=A + b"k")).kvs[0].value, b"from a")
+        # the whole keyspace, through each: its own keys only, without the prefix
+        everything = R.RangeRequest(key=b"\0", range_end=b"\0")
+        for stubs, value in ((self.a, b"from a"), (self.b, b"from b")):
+            kvs = stubs.kv.Range(everything).kvs
+            self.assertEqual([(kv.key, kv.value) for kv in kvs if kv.key == b"k"], [(b"k", value)])
+            self.assertTrue(all(not kv.key.startswith(b"/tenant-") for kv in kvs), kvs)
+        self.assertEqual(self.b.kv.Range(R.RangeRequest(key=b"k", serializable=True)).kvs[0].value, b"from b")
+
+    def test_txn_delete_and_prev_kv(self):
+        put = R.RequestOp(request_put=R.PutRequest(key=b"t/1", value=b"x", prev_kv=True))
+        nested = R.RequestOp(request_txn=R.TxnRequest(success=[
+            R.RequestOp(request_range=R.RangeRequest(key=b"t/", range_end=b"t0"))]))
+        txn = R.TxnRequest(compare=[R.Compare(key=b"t/1", target=R.Compare.VERSION, version=0)],
+                           success=[put, nested], failure=[])
+        answer = self.a.kv.Txn(txn)
+        self.assertTrue(answer.succeeded)
+        inner = answer.responses[1].response_txn.responses[0].response_range
+        self.assertEqual([kv.key for kv in inner.kvs], [b"t/1"])
+        self.assertEqual(self.b.kv.Range(R.RangeRequest(key=b"t/1")).count, 0)
+        deleted = self.a.kv.DeleteRange(R.DeleteRangeRequest(key=b"t/", range_end=b"t0", prev_kv=True))
+        self.assertEqual([kv.key for kv in deleted.prev_kvs], [b"t/1"])
+        code, details = rpc_error(self.a.kv.Put, R.PutRequest(key=b"", value=b"x"))
+        self.assertEqual((code, details), (grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: key is not provided"))
+
+    def test_watch_sees_its_namespace_only(self):
+        watch = Stream(self.a.watch.Watch)
+        self.addCleanup(watch.close)
+        watch.send(R.WatchRequest(create_request=R.WatchCreateRequest(key=b"w/", range_end=b"w0", prev_kv=True)))
+        self.assertTrue(watch.recv().created)
+        self.b.kv.Put(R.PutRequest(key=b"w/1", value=b"b"))
+        self.a.kv.Put(R.PutRequest(key=b"w/1", value=b"a1"))
+        self.a.kv.Put(R.PutRequest(key=b"w/1", value=b"a2"))
+        events = [e for _ in range(2) for e in watch.recv().events]
+        self.assertEqual([(e.kv.key, e.kv.value) for e in events], [(b"w/1", b"a1"), (b"w/1", b"a2")])
+        self.assertEqual(events[1].prev_kv.key, b"w/1")
+
+    def test_lease_keys_and_refused_services(self):
+        lease = self.a.lease.LeaseGrant(R.LeaseGrantRequest(TTL=30)).ID
+        self.a.kv.Put(R.PutRequest(key=b"leased", value=b"v", lease=lease))
+        ttl = self.a.lease.LeaseTimeToLive(R.LeaseTimeToLiveRequest(ID=lease, keys=True))
+        self.assertEqual(list(ttl.keys), [b"leased"])
+        code, details = rpc_error(self.a.lock.Lock, v3lock_pb2.LockRequest(name=b"l"))
+        self.assertEqual(code, grpc.StatusCode.UNIMPLEMENTED, details)
+
+    def test_etcdctl(self):
+        etcdctl(self.proxied, "put", "ctl", "v")
+        self.assertEqual(etcdctl(self.proxied, "get", "ctl", "--print-value-only").stdout.strip(), "v")
+        self.assertEqual(etcdctl(self.direct, "get", A.decode() + "ctl", "--print-value-only").stdout.strip(), "v")
+        self.assertEqual(etcdctl(self.other.address, "get", "ctl").stdout, "")
