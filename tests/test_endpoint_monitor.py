@@ -291,3 +291,21 @@ class MonitorTests(unittest.TestCase):
         before = [len(ch.checks) for ch in self.channels.values()]
         self.advance(5.0)
         self.assertEqual([len(ch.checks) for ch in self.channels.values()], before)
+
+    def test_reload_replaces_members(self):
+        m = self.make(n=1)
+        old = self.channels[0]
+        self.assertIs(m.pick(), old)
+        m.set_endpoints([Endpoint("127.0.0.1", 2380), Endpoint("127.0.0.1", 2381)], grace=5.0)
+        # the old member is out at once; the new ones serve before their checks pass
+        self.assertIn(m.pick(), (self.channels[1], self.channels[2]))
+        self.assertFalse(old.closed)
+        self.advance(5.0)
+        self.assertTrue(old.closed)  # its connection closes after the grace
+        self.assertIn(self.index(m.pick()), (1, 2))
+        self.assertEqual({str(e["endpoint"]) for e in m.snapshot()["endpoints"]},
+                         {"127.0.0.1:2380", "127.0.0.1:2381"})
+        self.assertTrue(all(e["healthy"] for e in m.snapshot()["endpoints"]))  # checks passed
+        before = len(old.checks)
+        self.advance(3.0)
+        self.assertEqual(len(old.checks), before)  # no more checks of the old one

@@ -76,7 +76,7 @@ class ReloadTests(ClassFixtureTestCase):
             time.sleep(0.1)
         stop.set()
         reader.join(10)
-        self.assertEqual(errors, [])
+        self.assertEqual(errors, [], proxy.log()[-5000:])
         self.assertEqual(set(answered_by[:reloaded]), {self.member_ids[0]})
         self.assertIn(answered_by[-1], self.member_ids[1:], "still on the old member")
         # The watch went on too (its upstream stream moved once the old

@@ -22,6 +22,7 @@ once with UNAVAILABLE.
 """
 
 import functools
+import math
 import random
 
 from twisted.application import service
@@ -210,7 +211,8 @@ class EndpointMonitor(service.Service):
         candidates = [m for m in self.members if not m.down and m.channel not in avoid]
         if not candidates:
             raise GRPCError(StatusCode.UNAVAILABLE, NO_ENDPOINT)
-        return min(candidates, key=lambda m: m.failed_at).channel
+        # The least recently failed; one that never failed (just added) first.
+        return min(candidates, key=lambda m: -math.inf if m.failed_at is None else m.failed_at).channel
 
     def can_serve(self):
         """Whether `pick` would find an endpoint now."""
