@@ -5,8 +5,8 @@ from etcdproxy.services.catalog import METHOD_PATHS, unknown_method_error
 from etcdproxy.services.namespace import UNNAMESPACED_SERVICES, Namespace, NamespacedCall, rewrites
 from etcdproxy.services.cluster import MEMBER_LIST_PATH, MemberListCall
 from etcdproxy.services.forward import ForwardedCall
-from etcdproxy.services.lease import KEEPALIVE_PATH, REVOKE_PATH, KeepAliveStream, RevokeCall
-from etcdproxy.services.lease_coalescer import LeaseCoalescer
+from etcdproxy.services.lease import REVOKE_PATH, KeepAliveStream, RevokeCall
+from etcdproxy.services.lease_coalescer import KEEPALIVE_PATH, LeaseCoalescer
 from etcdproxy.services.broadcast import WATCH_PATH, WatchBroadcaster
 from etcdproxy.services.watch import WatchStream
 from etcdproxy.services.client_limits import LimitedCall

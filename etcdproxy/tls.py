@@ -176,6 +176,19 @@ class ClientTLS:
             acceptableProtocols=ALPN)
 
 
+def subject_alt_names(hosts):
+    """A certificate's SubjectAlternativeName for host names and IP addresses."""
+    from cryptography import x509
+
+    names = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
 def self_signed(directory, hosts):
     """--auto-tls: a self-signed certificate and key for ``hosts`` (names or
     IP addresses) in ``directory``, made once and kept (as etcd does).
@@ -191,12 +204,6 @@ def self_signed(directory, hosts):
         return cert_file, key_file
     os.makedirs(directory, mode=0o700, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    names = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "etcdgrpcproxy")])
     now = datetime.datetime.now(datetime.timezone.utc)
     certificate = (
@@ -206,7 +213,7 @@ def self_signed(directory, hosts):
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(subject_alt_names(hosts), critical=False)
         .sign(key, hashes.SHA256())
     )
     with open(key_file, "wb", opener=lambda p, f: os.open(p, f, 0o600)) as f:

@@ -17,7 +17,6 @@ from etcdproxy.grpc.server import ICallHandler
 from etcdproxy.grpc.status import GRPCError, StatusCode
 from etcdproxy.pb.etcdserverpb import rpc_pb2
 from etcdproxy.services.forward import ForwardedCall
-from etcdproxy.services.lease_coalescer import KEEPALIVE_PATH  # noqa: F401 (the router's)
 from etcdproxy.upstream.monitor import NO_ENDPOINT
 
 REVOKE_PATH = b"/etcdserverpb.Lease/LeaseRevoke"

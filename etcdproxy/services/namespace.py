@@ -15,6 +15,7 @@ from zope.interface import implementer
 from etcdproxy.grpc.server import ICallHandler
 from etcdproxy.grpc.status import StatusCode
 from etcdproxy.pb.etcdserverpb import rpc_pb2
+from etcdproxy.services.keys import prefix_end
 
 EMPTY_KEY = "etcdserver: key is not provided"
 
@@ -27,13 +28,7 @@ def prefix_interval(prefix, key, end):
     """The namespaced [key, end) of a request (etcd's namespace/util.go)."""
     key = prefix + key
     if end == b"\0":  # to the end of the keyspace: to the end of the namespace
-        bound = bytearray(prefix)
-        while bound and bound[-1] == 0xFF:
-            bound.pop()
-        if not bound:
-            return key, b"\0"
-        bound[-1] += 1
-        return key, bytes(bound)
+        return key, prefix_end(prefix)
     if end:
         return key, prefix + end
     return key, end

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from etcdproxy.grpc.status import GRPCError
 from etcdproxy.pb.etcdserverpb import rpc_pb2
+from etcdproxy.services.keys import prefix_end
 from etcdproxy.upstream.stream import UpstreamStream
 
 GRANT = b"/etcdserverpb.Lease/LeaseGrant"
@@ -37,16 +38,6 @@ def entry(address):
     """The value etcd's naming package stores for an address (grpc naming.Update)."""
     return json.dumps({"Op": 0, "Addr": address, "Metadata": json.dumps({"name": hostname()})},
                       separators=(",", ":"))
-
-
-def prefix_end(prefix):
-    end = bytearray(prefix)
-    while end:
-        if end[-1] < 0xFF:
-            end[-1] += 1
-            return bytes(end)
-        end.pop()
-    return b"\0"
 
 
 class Registration(service.Service):

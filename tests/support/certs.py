@@ -8,13 +8,14 @@
 """
 
 import datetime
-import ipaddress
 import os
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from etcdproxy.tls import subject_alt_names
 
 
 class Identity:
@@ -72,14 +73,8 @@ class PKI:
     def issue(self, ca, name, hosts, client=False):
         key = ec.generate_private_key(ec.SECP256R1())
         builder = self._builder(name, key.public_key()).issuer_name(ca.certificate.subject)
-        names = []
-        for host in hosts:
-            try:
-                names.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                names.append(x509.DNSName(host))
-        if names:
-            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        if hosts:
+            builder = builder.add_extension(subject_alt_names(hosts), critical=False)
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH] + ([] if client else [ExtendedKeyUsageOID.SERVER_AUTH])
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         return self._write(name, builder.sign(ca.private_key, hashes.SHA256()), key)
