@@ -1,4 +1,4 @@
-from setuptools import find_namespace_packages, setup
+from setuptools import find_packages, setup
 
 setup(
     name="etcdgrpcproxy",
@@ -6,10 +6,7 @@ setup(
     description="etcd v3 gRPC proxy on Twisted: watch broadcasting, lease coalescing, read cache",
     license="Apache-2.0",
     python_requires=">=3.11",
-    # find_namespace_packages: a directory without __init__.py (etcdproxy/grpc/)
-    # is a package too; find_packages skipped it, and installs lacked it.
-    packages=find_namespace_packages(include=["etcdproxy", "etcdproxy.*"],
-                                     exclude=["*.__pycache__"]) + ["twisted.plugins"],
+    packages=find_packages(include=["etcdproxy", "etcdproxy.*"]) + ["twisted.plugins"],
     # twisted/ and twisted/plugins/ must stay without __init__.py: they extend
     # Twisted's own plugin package instead of shadowing it.
     package_data={"twisted": ["plugins/etcdgrpcproxy.py"]},

@@ -168,6 +168,14 @@ class Options(usage.Options):
          "slightly behind. A stream can ask for it with metadata etcdproxy-watch-exact: true"],
     ]
 
+    def parseOptions(self, options=None):
+        # A bad flag must stop the start with a non-zero status: twistd 22.4 prints
+        # a usage error but exits 0 (systemd would take it for a clean stop).
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"etcdgrpcproxy: {e}")
+
     def postOptions(self):
         if self["endpoint-policy"] not in POLICIES:
             raise usage.UsageError(f"--endpoint-policy must be one of {', '.join(POLICIES)}")

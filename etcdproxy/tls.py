@@ -11,7 +11,7 @@ import datetime
 import ipaddress
 import os
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -24,6 +24,13 @@ TLS_VERSIONS = {
     "TLS1.1": ssl.TLSVersion.TLSv1_1,
     "TLS1.2": ssl.TLSVersion.TLSv1_2,
     "TLS1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+_PROTOCOL_VERSIONS = {
+    "TLS1.0": SSL.TLS1_VERSION,
+    "TLS1.1": SSL.TLS1_1_VERSION,
+    "TLS1.2": SSL.TLS1_2_VERSION,
+    "TLS1.3": SSL.TLS1_3_VERSION,
 }
 
 # Go's names of the TLS 1.0-1.2 cipher suites (--listen-cipher-suites) in
@@ -90,8 +97,6 @@ class ServerTLSOptions(ssl.CertificateOptions):
         if cipher_suites:
             kwargs["acceptableCiphers"] = ssl.AcceptableCiphers.fromOpenSSLCipherString(
                 cipher_string(cipher_suites))
-        if max_version:
-            kwargs["lowerMaximumSecurityTo"] = TLS_VERSIONS[max_version]
         minimum = TLS_VERSIONS[min_version]
         if minimum < ssl.TLSVersion.TLSv1_2:
             kwargs["insecurelyLowerMinimumTo"] = minimum
@@ -101,9 +106,14 @@ class ServerTLSOptions(ssl.CertificateOptions):
             privateKey=_key(key_file), certificate=leaf, extraCertChain=chain,
             acceptableProtocols=ALPN, **kwargs)
         self._crl = _read(crl_file) if crl_file else None
+        # Set on the context: Twisted 22.4's lowerMaximumSecurityTo also turns off
+        # the version it is given.
+        self._max_version = _PROTOCOL_VERSIONS[max_version] if max_version else None
 
     def _makeContext(self):
         context = super()._makeContext()
+        if self._max_version is not None:
+            context.set_max_proto_version(self._max_version)
         if self._crl is not None:
             store = context.get_cert_store()
             _add_crl(store, self._crl)

@@ -18,6 +18,7 @@ import uuid
 
 import grpc
 
+from tests.support import aio
 from tests.support.etcd import EtcdCluster
 from tests.support.etcdctl import EtcdctlProcess, etcdctl
 from tests.support.grpcio import R, Stream, Stubs, pb
@@ -53,10 +54,10 @@ class KeepAliveLoad:
         self.ready = threading.Event()  # every client got its first answer
         self._loop = None
         self._stop = None
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+        self._running = None
 
     def start(self):
-        self._thread.start()
+        self._running = aio.submit(self._main())
         if not self.ready.wait(60):
             raise AssertionError("clients not all answered within 60 s: %s" % self.errors[:3])
         return self
@@ -64,7 +65,7 @@ class KeepAliveLoad:
     def stop(self):
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(30)
+        self._running.result(30)
         return self.last_sent
 
     async def _main(self):
@@ -121,7 +122,7 @@ async def _grant(address, n, ttl):
 
 
 def grant(address, n, ttl):
-    return asyncio.run(_grant(address, n, ttl))
+    return aio.run(_grant(address, n, ttl), 60)
 
 
 class LeaseCoalescerTests(ClassFixtureTestCase):

@@ -1,5 +1,6 @@
-"""Graceful shutdown (SIGTERM): a unary call in flight finishes normally, an
-open watch stream ends with UNAVAILABLE at once, and the proxy exits."""
+"""Graceful shutdown (SIGTERM): a unary call in flight finishes normally, open
+watch and keep-alive streams end with UNAVAILABLE at once (clients reconnect
+elsewhere), and the proxy exits."""
 
 import signal
 import threading
@@ -37,12 +38,17 @@ class GracefulShutdownTests(targets.EtcdProxyTestCase):
         self.addCleanup(watch.close)
         watch.send(R.WatchRequest(create_request=R.WatchCreateRequest(key=b"shutdown-watch")))
         self.assertTrue(watch.recv().created)
+        keepalive = Stream(proxied.lease_stream.LeaseKeepAlive)
+        self.addCleanup(keepalive.close)
+        keepalive.send(R.LeaseKeepAliveRequest(ID=waiter_lease))
+        self.assertEqual(keepalive.recv().ID, waiter_lease)
         time.sleep(0.5)
 
         self.proxy.proc.send_signal(signal.SIGTERM)
-        error = watch.wait_end(timeout=3)
-        self.assertIsNotNone(error, "the watch ended with OK")
-        self.assertEqual(error.code(), grpc.StatusCode.UNAVAILABLE)
+        for stream in (watch, keepalive):
+            error = stream.wait_end(timeout=3)
+            self.assertIsNotNone(error, "a stream ended with OK")
+            self.assertEqual(error.code(), grpc.StatusCode.UNAVAILABLE)
         time.sleep(0.5)
         self.assertTrue(waiter.is_alive(), "the Lock call ended before the lock was free: %r" % result)
         direct.lock.Unlock(LK.UnlockRequest(key=held))

@@ -6,11 +6,11 @@ The proxy under test is chosen by $ETCDPROXY_TEST_KIND ("python" or "go").
 """
 import asyncio
 import random
-import threading
 import time
 
 import grpc
 
+from tests.support import aio
 from tests.support import grpcio as svc
 from tests.support.grpcio import (
     CHANNEL_OPTIONS, R, LK, Stubs, pb, prefix_end, rpc_error, rpc_error_or_none)
@@ -20,23 +20,8 @@ STREAM_TOTAL = "etcd_debugging_mvcc_watch_stream_total"
 
 
 def _run_async(coro_fn, timeout):
-    """Runs ``coro_fn()`` on a fresh asyncio loop in its own thread (so that it
-    works whatever reactor/loop the test runner uses); returns its result."""
-    box = {}
-
-    def target():
-        try:
-            box["result"] = asyncio.run(coro_fn())
-        except BaseException as e:  # noqa: B902 - re-raised in the test thread
-            box["error"] = e
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
-        raise AssertionError("asyncio part did not finish within %.0fs" % timeout)
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    """Runs ``coro_fn()`` on the tests' grpc.aio loop; returns its result."""
+    return aio.run(coro_fn(), timeout)
 
 
 class StreamsAndLimitsTests(svc.GrpcioTestCase):
