@@ -19,6 +19,7 @@ from etcdproxy.pb.etcdserverpb import rpc_pb2
 RANGE = b"/etcdserverpb.KV/Range"
 WATCH = b"/etcdserverpb.Watch/Watch"
 CHECK_TIMEOUT = 1.0
+IDLE_TIMEOUT = 60  # seconds an idle HTTP/1.1 connection stays open
 
 
 class MetricsResource(resource.Resource):
@@ -128,7 +129,7 @@ def make_site(registry, monitor, self_channel, access_log=False):
     proxy = resource.Resource()
     proxy.putChild(b"health", HealthResource(lambda: check_proxy(self_channel)))
     root.putChild(b"proxy", proxy)
-    site = server.Site(root)
+    site = server.Site(root, timeout=IDLE_TIMEOUT)
     site.noisy = False
     if not access_log:
         site.log = lambda request: None

@@ -87,6 +87,12 @@ class Options(usage.Options):
         ["endpoint-probe-max-interval", None, 3.0,
          "longest pause between health checks of a failed endpoint (they start at "
          "0.5 s and double)", float],
+        ["max-connections", None, 0,
+         "client connections open at once, at most (0: no limit); one more is closed at once",
+         int],
+        ["handshake-timeout", None, 10.0,
+         "seconds a new client connection has to say what it is (TLS handshake and HTTP/2 "
+         "preface or HTTP/1.1 request line) before it is closed", float],
         ["drain-timeout", None, 10.0,
          "seconds that calls in flight may take to finish on shutdown", float],
         ["watch-send-buffer", None, 4 * 1024 * 1024,
@@ -187,6 +193,7 @@ class Options(usage.Options):
             raise usage.UsageError("--upstream-keepalive-interval must be at least 5 (etcd's minimum)")
         for name in ("upstream-keepalive-timeout", "upstream-connect-timeout", "health-check-interval",
                      "health-check-timeout", "endpoint-probe-max-interval", "watch-send-buffer",
+                     "handshake-timeout",
                      "watch-fragment-size"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
@@ -213,6 +220,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} is not implemented yet in etcdgrpcproxy")
         if self["enable-pprof"]:
             raise usage.UsageError("--enable-pprof is Go's runtime profiler: not available in etcdgrpcproxy")
+        if self["max-connections"] < 0:
+            raise usage.UsageError("--max-connections must be 0 (no limit) or positive")
         self["listen-description"] = _listen_description(self["listen-addr"])
         self["advertise-client-url"] = self["advertise-client-url"] or self["listen-addr"]
         if self["metrics-addr"]:
@@ -343,7 +352,8 @@ def makeService(options):
     if options["server-tls"]:
         endpoint = TLSServerEndpoint(endpoint, options["server-tls"])
     # gRPC and HTTP/1.1 (/metrics, /health) on one port, as etcd's proxy serves them
-    server = GRPCServerService(endpoint, factory, options["drain-timeout"], SniffingFactory(factory, site))
+    listen = SniffingFactory(factory, site, reactor, options["handshake-timeout"], options["max-connections"])
+    server = GRPCServerService(endpoint, factory, options["drain-timeout"], listen)
     server.setName("grpc-server")
     server.setServiceParent(top)
     reloads = [("TLS certificates", options["server-tls"].reload)] if options["server-tls"] else []

@@ -41,7 +41,7 @@ class PluginTests(unittest.TestCase):
                      "--resolver-ttl", "--advertise-client-url", "--discovery-srv",
                      "--discovery-srv-name", "--insecure-discovery", "--enable-pprof",
                      "--experimental-serializable-ordering", "--experimental-leasing-prefix",
-                     "--data-dir"]:
+                     "--data-dir", "--max-connections", "--handshake-timeout", "--endpoints-file"]:
             self.assertIn(flag, out)
         self.assertIn("[default: 127.0.0.1:2379]", out)
         self.assertIn("[default: 127.0.0.1:23790]", out)
@@ -58,6 +58,8 @@ class PluginTests(unittest.TestCase):
               "--listen-cipher-suites=TLS_NOPE"], "unknown cipher suite"),
             (["--watch-send-buffer=0"], "must be positive"),
             (["--resolver-ttl=0"], "resolver-ttl must be positive"),
+            (["--max-connections=-1"], "--max-connections must be 0"),
+            (["--handshake-timeout=0"], "--handshake-timeout must be positive"),
             (["--discovery-srv=example.com"], "--discovery-srv is not implemented yet"),
             (["--experimental-serializable-ordering"], "not implemented yet"),
             (["--enable-pprof"], "not available"),

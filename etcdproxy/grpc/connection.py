@@ -16,13 +16,14 @@ with HTTP/2 flow control:
 import dataclasses
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
     PingAckReceived,
+    PingReceived,
     RemoteSettingsChanged,
     RequestReceived,
     ResponseReceived,
@@ -55,6 +56,31 @@ class Limits:
     max_header_list_size: int = 16 * 1024
     # Outbound bytes queued per stream before its producer is paused.
     stream_high_watermark: int = 256 * 1024
+    # Frames a peer may send per second of each kind that costs the proxy work
+    # without being a call: past them the connection ends with GOAWAY
+    # ENHANCE_YOUR_CALM (HTTP/2 rapid reset, CVE-2023-44487; PING and SETTINGS
+    # floods). grpc-go sends a BDP ping per burst of data: hundreds a second.
+    max_resets_per_second: int = 1000
+    max_pings_per_second: int = 10000
+    max_settings_per_second: int = 100
+
+
+class _RateGuard:
+    """Counts events in one-second windows."""
+
+    __slots__ = ("limit", "window", "count")
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.window = None
+        self.count = 0
+
+    def exceeded(self, now):
+        if self.window is None or now - self.window >= 1.0:
+            self.window = now
+            self.count = 0
+        self.count += 1
+        return self.count > self.limit
 
 
 class MessageStream:
@@ -356,6 +382,11 @@ class H2Protocol(Protocol):
         self._lost = False
         self._transport_paused = False
         self._conn_unacked = 0
+        self._guards = {
+            "RST_STREAM": _RateGuard(limits.max_resets_per_second),
+            "PING": _RateGuard(limits.max_pings_per_second),
+            "SETTINGS": _RateGuard(limits.max_settings_per_second),
+        }
 
     def connectionMade(self):
         # Small frames (headers, short messages) must not wait for Nagle's algorithm.
@@ -441,9 +472,23 @@ class H2Protocol(Protocol):
             stream.end_received()
 
     def _stream_reset(self, event):
+        if self._flooded("RST_STREAM"):
+            return
         stream = self.streams.pop(event.stream_id, None)
         if stream is not None:
             stream.reset_received(event.error_code)
+
+    def _flooded(self, frame_type):
+        """Counts a frame of the peer's; past the limit, ends the connection."""
+        if not self._guards[frame_type].exceeded(self.reactor.seconds()):
+            return False
+        if not self._lost and self.conn.state_machine.state != ConnectionState.CLOSED:
+            self._log.warn("{peer} sent over {limit} {frame} frames in a second: connection closed",
+                           peer=self.transport.getPeer(), limit=self._guards[frame_type].limit,
+                           frame=frame_type)
+            self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, f"too many {frame_type} frames".encode())
+            self.close_after_writing()
+        return True
 
     def _window_updated(self, event):
         if event.stream_id:
@@ -454,7 +499,12 @@ class H2Protocol(Protocol):
             self._unblock()
 
     def _settings_changed(self, event):
+        if self._flooded("SETTINGS"):
+            return
         self._unblock()  # the initial stream window may have grown
+
+    def _ping_received(self, event):
+        self._flooded("PING")  # h2 has answered it already
 
     def stream_blocked(self, stream):
         """``stream`` has data queued that the peer's windows hold back."""
@@ -476,6 +526,7 @@ class H2Protocol(Protocol):
         RemoteSettingsChanged: _settings_changed,
         ConnectionTerminated: lambda self, event: self.goaway_received(event),
         PingAckReceived: lambda self, event: self.ping_acked(event),
+        PingReceived: _ping_received,
     }
 
     # -- writing ----------------------------------------------------------------
