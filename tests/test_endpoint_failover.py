@@ -22,10 +22,8 @@ import uuid
 
 import grpc
 
-from tests.support.etcd import EtcdCluster
-from tests.support.grpcio import R, Stream, Stubs, rpc_error
+from tests.support.grpcio import ClusterTestCase, R, Stream, Stubs, rpc_error
 from tests.support.proxy import ProxyProcess
-from tests.support.targets import ClassFixtureTestCase
 
 HANDLED = "grpc_server_handled_total"
 CALL_TIMEOUT = 8.0
@@ -102,34 +100,9 @@ class Load:
             time.sleep(0.1)
 
 
-class EndpointFailoverTests(ClassFixtureTestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.etcd = EtcdCluster(size=3)
-        cls.etcd.start()
-        try:
-            cls.direct = [Stubs(ep) for ep in cls.etcd.endpoints]
-            cls.member_ids = [s.maint.Status(R.StatusRequest()).header.member_id for s in cls.direct]
-        except BaseException:
-            cls.etcd.stop()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        for s in getattr(cls, "direct", ()):
-            s.close()
-        cls.etcd.stop()
-
+class EndpointFailoverTests(ClusterTestCase):
     def setUp(self):
         self.addCleanup(self.restore_cluster)
-
-    def restore_cluster(self):
-        for i in range(self.etcd.size):
-            if self.etcd.is_running(i):
-                self.etcd.resume(i)
-            else:
-                self.etcd.restart(i, wait=False)
-        self.etcd.wait_healthy()
 
     # -- helpers --------------------------------------------------------------
 

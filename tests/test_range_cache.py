@@ -24,10 +24,9 @@ from etcdproxy.services.client_limits import ClientLimits
 from etcdproxy.services.range_cache import RangeCache
 from etcdproxy.services.range_calls import write_spans
 from etcdproxy.services.range_store import Entry, RangeStore, span
-from tests.support.etcd import EtcdCluster
 from tests.support.proxy import ProxyProcess
-from tests.support.targets import ClassFixtureTestCase
-from tests.support.grpcio import AUTH, GrpcioTestCase, R, Stubs, prefix_end, rpc_error, rpc_error_or_none
+from tests.support.grpcio import (
+    AUTH, ClusterTestCase, GrpcioTestCase, R, Stubs, prefix_end, rpc_error, rpc_error_or_none)
 
 RANGE_METRIC = "grpc_server_handled_total"
 SERIAL = dict(serializable=True)
@@ -636,34 +635,9 @@ class ClientLimitTests(GrpcioTestCase):
         self.p.kv.Range(R.RangeRequest(key=b"x"))
 
 
-class RangeCacheFailoverTests(ClassFixtureTestCase):
+class RangeCacheFailoverTests(ClusterTestCase):
     """The member holding the invalidation watch dies or hangs: the cache
     empties and no stale answer is served after the monitor notices."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.etcd = EtcdCluster(size=3)
-        cls.etcd.start()
-        try:
-            cls.direct = [Stubs(ep) for ep in cls.etcd.endpoints]
-            cls.member_ids = [s.maint.Status(R.StatusRequest()).header.member_id for s in cls.direct]
-        except BaseException:
-            cls.etcd.stop()
-            raise
-
-    @classmethod
-    def tearDownClass(cls):
-        for s in getattr(cls, "direct", ()):
-            s.close()
-        cls.etcd.stop()
-
-    def restore_cluster(self):
-        for i in range(self.etcd.size):
-            if self.etcd.is_running(i):
-                self.etcd.resume(i)
-            else:
-                self.etcd.restart(i, wait=False)
-        self.etcd.wait_healthy()
 
     def _stale_after(self, how):
         self.addCleanup(self.restore_cluster)

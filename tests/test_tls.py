@@ -91,6 +91,15 @@ class TLSTests(ClassFixtureTestCase):
         out = etcdctl(endpoint, *tls, "get", "/tls/etcdctl", "--print-value-only").stdout
         self.assertEqual(out.strip(), "hello")
 
+    def assertEtcdRefused(self, proxy, mismatch):
+        """Calls through ``proxy`` get UNAVAILABLE: it refused etcd's certificate."""
+        channel = grpc.insecure_channel(proxy.address)
+        self.addCleanup(channel.close)
+        kv = load_stubs().KVStub(channel)
+        code, details = rpc_error(kv.Range, R.RangeRequest(key=b"/tls/x"), timeout=5)
+        self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, details)
+        self.assertIn(mismatch, proxy.log())
+
     def refused(self, identity, ca=None, address=None):
         kv, _ = self.stubs(identity, address=address, ca=ca)
         return rpc_error(kv.Range, R.RangeRequest(key=b"/tls/x"), timeout=5)
@@ -130,12 +139,7 @@ class TLSTests(ClassFixtureTestCase):
         # "localhost" is not in etcd's certificate (127.0.0.1 is)
         port = self.etcd.tls_endpoints[0].rsplit(":", 1)[1]
         proxy = self.start_proxy(endpoints=["https://localhost:" + port])
-        channel = grpc.insecure_channel(proxy.address)
-        self.addCleanup(channel.close)
-        kv = load_stubs().KVStub(channel)
-        code, details = rpc_error(kv.Range, R.RangeRequest(key=b"/tls/x"), timeout=5)
-        self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, details)
-        self.assertIn("DNSMismatch", proxy.log())
+        self.assertEtcdRefused(proxy, "DNSMismatch")
         # unless told not to check
         proxy = self.start_proxy("--insecure-skip-tls-verify", endpoints=["https://localhost:" + port])
         channel = grpc.insecure_channel(proxy.address)
@@ -202,9 +206,4 @@ class TLSTests(ClassFixtureTestCase):
         server.start()
         port = listener.getsockname()[1]
         proxy = self.start_proxy(endpoints=["https://127.0.0.1:%d" % port])
-        channel = grpc.insecure_channel(proxy.address)
-        self.addCleanup(channel.close)
-        kv = load_stubs().KVStub(channel)
-        code, details = rpc_error(kv.Range, R.RangeRequest(key=b"/tls/x"), timeout=5)
-        self.assertEqual(code, grpc.StatusCode.UNAVAILABLE, details)
-        self.assertIn("IPAddressMismatch", proxy.log())
+        self.assertEtcdRefused(proxy, "IPAddressMismatch")

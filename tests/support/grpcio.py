@@ -8,6 +8,7 @@ import uuid
 
 import grpc
 
+from tests.support.etcd import EtcdCluster
 from tests.support.stubs import load_stubs
 from tests.support import targets
 
@@ -287,3 +288,34 @@ def events_until(stream, n, watch_id=None, timeout=5.0):
             assert r.watch_id == watch_id, "events for watch %d, expected %d" % (r.watch_id, watch_id)
         events.extend(r.events)
     return events, resps
+
+
+class ClusterTestCase(targets.ClassFixtureTestCase):
+    """A 3-member etcd cluster per class (``cls.etcd``), stubs straight to each
+    member (``cls.direct``) and their member ids; ``restore_cluster()`` brings
+    every member back (resumed, or restarted) for the next test."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.etcd = EtcdCluster(size=3)
+        cls.etcd.start()
+        try:
+            cls.direct = [Stubs(ep) for ep in cls.etcd.endpoints]
+            cls.member_ids = [s.maint.Status(R.StatusRequest()).header.member_id for s in cls.direct]
+        except BaseException:
+            cls.etcd.stop()
+            raise
+
+    @classmethod
+    def tearDownClass(cls):
+        for s in getattr(cls, "direct", ()):
+            s.close()
+        cls.etcd.stop()
+
+    def restore_cluster(self):
+        for i in range(self.etcd.size):
+            if self.etcd.is_running(i):
+                self.etcd.resume(i)
+            else:
+                self.etcd.restart(i, wait=False)
+        self.etcd.wait_healthy()
