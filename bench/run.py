@@ -1104,31 +1104,23 @@ class Suite(object):
 
 # -------------------------------------------------------------------- report
 
+def _unary_rows(ranges=False):
+    """The rows of the tools/benchmark workloads (W1-W3)."""
+    return [
+        ("rps", "req/s", "high"), ("p50_ms", "p50 ms", "low"), ("p99_ms", "p99 ms", "low"),
+        ("target_cpu_per_10k", "target CPU s /10k req", "low"),
+        ("target_cpu_pct", "target CPU % of one core", None),
+        ("etcd_cpu_per_10k", "etcd CPU s /10k req", "low"),
+        *([("etcd_ranges_per_req", "etcd Range calls per request", "low")] if ranges else []),
+        ("loadgen_cpu_per_10k", "load generator CPU s /10k req", None),
+        ("machine_busy_pct", "machine busy % (2 cores)", None)]
+
+
 # workload -> [(metric, label, better)] in display order; better: "high"/"low"/None
 DISPLAY = {
-    "W1": ("W1 Put throughput and latency (256-byte values, tools/benchmark)", [
-        ("rps", "req/s", "high"), ("p50_ms", "p50 ms", "low"), ("p99_ms", "p99 ms", "low"),
-        ("target_cpu_per_10k", "target CPU s /10k req", "low"),
-        ("target_cpu_pct", "target CPU % of one core", None),
-        ("etcd_cpu_per_10k", "etcd CPU s /10k req", "low"),
-        ("loadgen_cpu_per_10k", "load generator CPU s /10k req", None),
-        ("machine_busy_pct", "machine busy % (2 cores)", None)]),
-    "W2": ("W2 serializable Range on one hot key", [
-        ("rps", "req/s", "high"), ("p50_ms", "p50 ms", "low"), ("p99_ms", "p99 ms", "low"),
-        ("target_cpu_per_10k", "target CPU s /10k req", "low"),
-        ("target_cpu_pct", "target CPU % of one core", None),
-        ("etcd_cpu_per_10k", "etcd CPU s /10k req", "low"),
-        ("etcd_ranges_per_req", "etcd Range calls per request", "low"),
-        ("loadgen_cpu_per_10k", "load generator CPU s /10k req", None),
-        ("machine_busy_pct", "machine busy % (2 cores)", None)]),
-    "W3": ("W3 linearizable Range", [
-        ("rps", "req/s", "high"), ("p50_ms", "p50 ms", "low"), ("p99_ms", "p99 ms", "low"),
-        ("target_cpu_per_10k", "target CPU s /10k req", "low"),
-        ("target_cpu_pct", "target CPU % of one core", None),
-        ("etcd_cpu_per_10k", "etcd CPU s /10k req", "low"),
-        ("etcd_ranges_per_req", "etcd Range calls per request", "low"),
-        ("loadgen_cpu_per_10k", "load generator CPU s /10k req", None),
-        ("machine_busy_pct", "machine busy % (2 cores)", None)]),
+    "W1": ("W1 Put throughput and latency (256-byte values, tools/benchmark)", _unary_rows()),
+    "W2": ("W2 serializable Range on one hot key", _unary_rows(ranges=True)),
+    "W3": ("W3 linearizable Range", _unary_rows(ranges=True)),
     "W4": ("W4 watch fan-out (one key, 4 writers, <= 4 puts in flight; \"N watchers\": one watch stream "
            "each, 20 streams per connection, puts for a fixed time)", [
         ("events_per_s", "events/s delivered (all watchers)", "high"),

@@ -18,7 +18,8 @@ from zope.interface import Interface, implementer
 from h2.errors import ErrorCodes
 
 import etcdproxy
-from etcdproxy.grpc.connection import H2Protocol, Limits, MessageStream
+from etcdproxy.grpc.connection import H2Protocol, Limits
+from etcdproxy.grpc.stream import MessageStream
 from etcdproxy.grpc.metadata import application_metadata, format_timeout
 from etcdproxy.grpc.status import GRPCError, StatusCode, decode_grpc_message, status_for_reset
 

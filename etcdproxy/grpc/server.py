@@ -13,7 +13,8 @@ from zope.interface import Interface
 
 from h2.errors import ErrorCodes
 
-from etcdproxy.grpc.connection import H2Protocol, Limits, MessageStream
+from etcdproxy.grpc.connection import H2Protocol, Limits
+from etcdproxy.grpc.stream import MessageStream
 from etcdproxy.grpc.metadata import application_metadata, parse_timeout
 from etcdproxy.grpc.status import GRPCError, StatusCode, encode_grpc_message
 

@@ -5,10 +5,9 @@ never sent to etcd. Every call counts (unary or stream, cached or not); the
 messages on an open stream do not."""
 
 from twisted.application import service
-from zope.interface import implementer
 
-from etcdproxy.grpc.server import ICallHandler
 from etcdproxy.grpc.status import StatusCode
+from etcdproxy.services.wrapper import WrappedCall
 
 KEYS = ("peer", "connection", "token")
 _PRUNE_EVERY = 10_000  # calls between sweeps of idle clients
@@ -94,35 +93,17 @@ class ClientLimits(service.Service):
             del self._buckets[client]
 
 
-@implementer(ICallHandler)
-class LimitedCall:
+class LimitedCall(WrappedCall):
     """A handler that first asks the limits; a refused call ends at once."""
 
     def __init__(self, limits, handler):
+        super().__init__(handler)
         self.limits = limits
-        self.handler = handler
-        self.refused = False
 
     def call_started(self, call):
         refusal = self.limits.admit(call)
-        if refusal is not None:
-            self.refused = True
-            call.finish(StatusCode.RESOURCE_EXHAUSTED, refusal)
+        if refusal is None:
+            super().call_started(call)
             return
-        self.handler.call_started(call)
-
-    def request_received(self, message):
-        if not self.refused:
-            self.handler.request_received(message)
-
-    def half_closed(self):
-        if not self.refused:
-            self.handler.half_closed()
-
-    def call_cancelled(self, error):
-        if not self.refused:
-            self.handler.call_cancelled(error)
-
-    def call_draining(self):
-        if not self.refused:
-            self.handler.call_draining()
+        self.refused = True  # the handler never saw the call
+        call.finish(StatusCode.RESOURCE_EXHAUSTED, refusal)

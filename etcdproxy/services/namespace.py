@@ -10,12 +10,11 @@ them, response messages as the handler sends them. The handlers themselves
 """
 
 from google.protobuf.message import DecodeError
-from zope.interface import implementer
 
-from etcdproxy.grpc.server import ICallHandler
 from etcdproxy.grpc.status import StatusCode
 from etcdproxy.pb.etcdserverpb import rpc_pb2
 from etcdproxy.services.keys import prefix_end
+from etcdproxy.services.wrapper import WrappedCall
 
 EMPTY_KEY = "etcdserver: key is not provided"
 
@@ -162,21 +161,18 @@ class _RewritingCall:
         return getattr(self._call, name)
 
 
-@implementer(ICallHandler)
-class NamespacedCall:
+class NamespacedCall(WrappedCall):
     def __init__(self, handler, request_rewrite, response_rewrite):
-        self.handler = handler
+        super().__init__(handler)
         self._request = request_rewrite
         self._response = response_rewrite
-        self.call = None
-        self._refused = False
 
     def call_started(self, call):
         self.call = call
         self.handler.call_started(_RewritingCall(call, self._response) if self._response else call)
 
     def request_received(self, message):
-        if self._refused:
+        if self.refused:
             return
         if self._request is not None:
             try:
@@ -184,20 +180,6 @@ class NamespacedCall:
             except DecodeError:
                 pass  # passed on as it is: etcd (or the handler) refuses it
             except EmptyKey:
-                self._refused = True
-                self.handler.call_cancelled(None)
-                self.call.finish(StatusCode.INVALID_ARGUMENT, EMPTY_KEY)
+                self.refuse(StatusCode.INVALID_ARGUMENT, EMPTY_KEY)
                 return
         self.handler.request_received(message)
-
-    def half_closed(self):
-        if not self._refused:
-            self.handler.half_closed()
-
-    def call_cancelled(self, error):
-        if not self._refused:
-            self.handler.call_cancelled(error)
-
-    def call_draining(self):
-        if not self._refused:
-            self.handler.call_draining()
