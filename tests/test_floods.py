@@ -1,12 +1,15 @@
 """Floods and idle connections, each ended politely without hurting other
-clients: HTTP/2 rapid reset (CVE-2023-44487), PING and SETTINGS floods
-(GOAWAY ENHANCE_YOUR_CALM), a connection that never says what it is (closed
-after --handshake-timeout), connections over --max-connections (closed at once)."""
+clients: HTTP/2 rapid reset (CVE-2023-44487), PING, SETTINGS and CONTINUATION
+floods and oversized header lists (GOAWAY ENHANCE_YOUR_CALM), streams over
+--max-concurrent-streams (REFUSED_STREAM, the connection goes on), a connection
+that never says what it is (closed after --handshake-timeout), connections over
+--max-connections (closed at once)."""
 
 import socket
 import time
 
 from h2.errors import ErrorCodes
+from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
 
 from tests.support.grpcio import R, Stubs
 from tests.support.proxy import ProxyProcess
@@ -73,6 +76,73 @@ class FloodTests(EtcdProxyTestCase):
             pass
         self.assertEqual(self.until_terminated(raw), ErrorCodes.ENHANCE_YOUR_CALM)
         self.assertServes()
+
+    def header_block_start(self, raw):
+        """A Range request's HEADERS frame without END_HEADERS: the block goes on."""
+        sid = raw.conn.get_next_available_stream_id()
+        frame = HeadersFrame(sid, flags=[])
+        frame.data = raw.conn.encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", RANGE),
+                                              (":authority", self.proxied), ("content-type", "application/grpc")])
+        return sid, frame.serialize()
+
+    def test_continuation_flood(self):
+        raw = H2Client(self.proxied)
+        self.addCleanup(raw.close)
+        sid, data = self.header_block_start(raw)
+        try:
+            raw.sock.sendall(data)
+            for _ in range(1000):  # h2 alone would take 64 before it complains
+                raw.sock.sendall(ContinuationFrame(sid, data=b"").serialize())
+        except OSError:
+            pass  # closed by the proxy meanwhile
+        self.assertEqual(self.until_terminated(raw), ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertServes()
+
+    def test_oversized_header_list(self):
+        for size in (20 * 1024, 100 * 1024):  # over the 16 KiB limit: decoded, or never ending
+            raw = H2Client(self.proxied)
+            self.addCleanup(raw.close)
+            try:
+                raw.request(RANGE, grpc_frame(R.RangeRequest(key=b"/floods/x").SerializeToString()),
+                            extra_headers=[("x-big", "v" * size)])
+            except OSError:
+                pass
+            self.assertEqual(self.until_terminated(raw), ErrorCodes.ENHANCE_YOUR_CALM, size)
+        self.assertServes()
+
+    def test_streams_over_the_limit_are_refused_and_the_connection_goes_on(self):
+        proxy = ProxyProcess(self.etcd.endpoints, extra_args=["--max-concurrent-streams", "5"])
+        proxy.start()
+        self.addCleanup(proxy.stop)
+        raw = H2Client(proxy.address)  # has not read the proxy's SETTINGS yet
+        self.addCleanup(raw.close)
+        create = grpc_frame(R.WatchRequest(create_request=R.WatchCreateRequest(
+            key=b"/floods/w")).SerializeToString())
+        watches = [raw.request(WATCH, create, end_stream=False) for _ in range(5)]
+        # The refused requests carry a header that enters both HPACK tables.
+        marked = [("x-marker", "refused-first")]
+        get = grpc_frame(R.RangeRequest(key=b"/floods/x").SerializeToString())
+        refused = [raw.request(RANGE, get, extra_headers=marked) for _ in range(3)]
+        for sid in refused:
+            self.assertEqual(raw.wait(sid).reset, ErrorCodes.REFUSED_STREAM, (raw.terminated, raw.eof, proxy.log()[-3000:]))
+        deadline = time.monotonic() + 10
+        while not all(raw.responses[sid].data for sid in watches) and time.monotonic() < deadline:
+            raw._pump(0.2)
+        created = [R.WatchResponse.FromString(raw.responses[sid].data[5:]).created for sid in watches]
+        self.assertEqual(created, [True] * 5)
+        # DATA still in flight on a refused stream (24 MiB: more than the
+        # connection window) is discarded without starving the connection.
+        chunk = DataFrame(refused[0], data=b"\0" * 16384).serialize()
+        for _ in range(24 * 64):
+            raw.sock.sendall(chunk)
+        # One watch ends: a call fits again, on the same connection, and its
+        # headers (encoded with the entry the refused ones added) decode as sent.
+        raw.conn.reset_stream(watches[0], ErrorCodes.CANCEL)
+        raw.flush()
+        time.sleep(0.2)
+        answer = raw.call(RANGE, get, extra_headers=marked)
+        self.assertEqual(answer.status, (0, ""))
+        self.assertIsNone(raw.terminated)
 
     def test_silent_connection_is_closed_after_the_handshake_timeout(self):
         host, port = self.proxied.rsplit(":", 1)

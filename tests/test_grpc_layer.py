@@ -6,6 +6,13 @@ import gzip
 import threading
 
 import grpc
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated, RequestReceived, StreamReset
+from h2.exceptions import DenialOfServiceError
+from h2.settings import SettingCodes
+from hyperframe.frame import ContinuationFrame, HeadersFrame
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.trial import unittest
@@ -13,6 +20,7 @@ from zope.interface import implementer
 
 from etcdproxy.grpc.client import Channel, IClientCallListener
 from etcdproxy.grpc.connection import Limits
+from etcdproxy.grpc.h2connection import BoundedH2Connection, StreamRefused
 from etcdproxy.grpc.framing import MessageDecoder, encode_message
 from etcdproxy.grpc.metadata import format_timeout, parse_timeout
 from etcdproxy.grpc.server import GRPCServerFactory, ICallHandler
@@ -508,17 +516,15 @@ class KeepaliveTests(ServerTestMixin, unittest.TestCase):
 
 
 class StreamCountingTests(unittest.TestCase):
-    """etcdproxy.grpc.connection._Connection counts open streams in amortized
-    O(1) and still enforces the concurrency limit."""
+    """etcdproxy.grpc.h2connection.BoundedH2Connection counts open streams in
+    amortized O(1), refuses a stream over the concurrency limit alone (with
+    REFUSED_STREAM, HPACK state kept in step) and a CONTINUATION flood."""
+
+    HEADERS = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x/y"),
+               (b":authority", b"a"), (b"content-type", b"application/grpc")]
 
     def pair(self, max_streams):
-        from h2.config import H2Configuration
-        from h2.connection import H2Connection
-        from h2.settings import SettingCodes
-
-        from etcdproxy.grpc.connection import _Connection
-
-        server = _Connection(H2Configuration(client_side=False, header_encoding=None))
+        server = BoundedH2Connection(H2Configuration(client_side=False, header_encoding=None), 16384)
         server.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
         server.local_settings.acknowledge()
         server.initiate_connection()
@@ -527,28 +533,25 @@ class StreamCountingTests(unittest.TestCase):
         server.receive_data(client.data_to_send())
         client.receive_data(server.data_to_send())
         server.receive_data(client.data_to_send())
+        # The client ignores the server's limit, as a client may before it has seen it.
+        client.remote_settings[SettingCodes.MAX_CONCURRENT_STREAMS] = 2**31 - 1
+        client.remote_settings.acknowledge()
         return client, server
 
-    def open(self, client, server, n):
-        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x/y"),
-                   (b":authority", b"a"), (b"content-type", b"application/grpc")]
+    def open(self, client, server, n, extra=()):
         ids = []
         for _ in range(n):
             sid = client.get_next_available_stream_id()
-            client.send_headers(sid, headers)
+            client.send_headers(sid, self.HEADERS + list(extra))
             ids.append(sid)
         return ids, server.receive_data(client.data_to_send())
 
     def test_walks_are_amortized(self):
-        from h2.connection import H2Connection
-
-        from etcdproxy.grpc.connection import _Connection
-
         walks = []
         original = H2Connection._open_streams
 
         def counting(conn, remainder):
-            if isinstance(conn, _Connection):
+            if isinstance(conn, BoundedH2Connection):
                 walks.append(remainder)
             return original(conn, remainder)
 
@@ -560,19 +563,57 @@ class StreamCountingTests(unittest.TestCase):
         self.assertLess(len(walks), 30)
         self.assertEqual(original(server, 1), 3000)
 
-    def test_limit_enforced(self):
-        from h2.errors import ErrorCodes
-        from h2.exceptions import TooManyStreamsError
+    def test_limit_holds_exactly(self):
+        for limit in (1, 2, 5, 63, 64, 100):
+            client, server = self.pair(limit)
+            ids, events = self.open(client, server, limit + 1)
+            self.assertEqual([type(e) for e in events], [RequestReceived] * limit + [StreamRefused], limit)
 
+    def test_stream_over_the_limit_is_refused_alone(self):
         client, server = self.pair(100)
         ids, events = self.open(client, server, 100)
         self.assertEqual(len(events), 100)
-        self.assertRaises(TooManyStreamsError, self.open, client, server, 1)
-        # Once streams close, new ones are allowed again.
-        client, server = self.pair(100)
-        ids, events = self.open(client, server, 100)
+        # The refused stream's header block adds an entry to both HPACK tables...
+        extra = [(b"x-first-seen", b"on-a-refused-stream")]
+        (refused,), events = self.open(client, server, 1, extra)
+        self.assertEqual([type(e) for e in events], [StreamRefused])
+        # ... and DATA the client had in flight on it is answered, not fatal.
+        client.send_data(refused, b"late", end_stream=True)
+        self.assertEqual(server.receive_data(client.data_to_send()), [])
+        resets = [e for e in client.receive_data(server.data_to_send()) if isinstance(e, StreamReset)]
+        self.assertEqual({(e.stream_id, e.error_code) for e in resets},
+                         {(refused, ErrorCodes.REFUSED_STREAM)})
+        # Once streams close, new ones are allowed again; their headers, encoded
+        # with that table entry, decode as sent.
         for sid in ids[:50]:
             client.reset_stream(sid, ErrorCodes.CANCEL)
         server.receive_data(client.data_to_send())
-        ids, events = self.open(client, server, 50)
+        ids, events = self.open(client, server, 50, extra)
         self.assertEqual(len(events), 50)
+        self.assertTrue(all(isinstance(e, RequestReceived) for e in events), events[:3])
+        self.assertEqual(events[-1].headers, self.HEADERS + extra)
+
+    def test_continuation_flood_is_refused_early(self):
+        client, server = self.pair(100)
+        sid = client.get_next_available_stream_id()
+        headers = HeadersFrame(sid, flags=[])
+        headers.data = client.encoder.encode(self.HEADERS)
+        data = headers.serialize()
+        for _ in range(20):
+            data += ContinuationFrame(sid, data=b"").serialize()
+        with self.assertRaises(DenialOfServiceError):
+            server.receive_data(data)
+        goaway = [e for e in client.receive_data(server.data_to_send()) if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway[0].error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def test_header_block_larger_than_the_list_limit_is_refused_early(self):
+        client, server = self.pair(100)
+        sid = client.get_next_available_stream_id()
+        headers = HeadersFrame(sid, flags=[])
+        headers.data = client.encoder.encode(self.HEADERS)
+        data = headers.serialize()
+        for _ in range(3):  # 3 x 15 KiB of a never-ending header block
+            data += ContinuationFrame(sid, data=b"\0" * 15 * 1024).serialize()
+        # h2 alone would wait for up to 64 frames of 16 KiB.
+        with self.assertRaises(DenialOfServiceError):
+            server.receive_data(data)

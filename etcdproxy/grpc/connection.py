@@ -9,7 +9,7 @@ connection whose peer floods it with frames that cost work without being calls.
 import dataclasses
 
 from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.events import (
@@ -30,6 +30,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from etcdproxy.grpc.h2connection import BoundedH2Connection, StreamRefused, pending_frame_length
 
 
 _MAX_INT31 = 2**31 - 1
@@ -72,63 +74,6 @@ class _RateGuard:
             self.count = 0
         self.count += 1
         return self.count > self.limit
-
-
-class _Connection(H2Connection):
-    """h2's H2Connection, with stream counting in amortized O(1), and kept
-    open after a GOAWAY for the streams the peer still finishes.
-
-    h2 counts open streams by walking its whole stream table each time a stream
-    is opened (and forgets closed streams on the way), so opening N streams costs
-    O(N^2): 10,000 watch streams took 30 s. Here the walk runs only when the
-    table has doubled since the last one; in between, the count is the last
-    walk's plus the streams opened since (from the stream ids, which only grow).
-    That is an upper bound, so a concurrency limit is never exceeded; near the
-    limit the exact walk decides.
-    """
-
-    def __init__(self, config):
-        super().__init__(config=config)
-        self._walked = {}  # parity -> (open count, highest stream id) at the last walk
-        self._walk_at = 64
-
-    def _receive_goaway_frame(self, frame):
-        # h2 treats any GOAWAY as the end of the connection and would refuse
-        # the frames that follow, even in the same read. HTTP/2 lets the
-        # streams up to last_stream_id finish, so the state is kept open; the
-        # protocol opens no new stream once it has seen the GOAWAY.
-        state = self.state_machine.state
-        result = super()._receive_goaway_frame(frame)
-        self.state_machine.state = state
-        return result
-
-    def _open_streams(self, remainder):
-        outbound = remainder == (1 if self.config.client_side else 0)
-        highest = self.highest_outbound_stream_id if outbound else self.highest_inbound_stream_id
-        highest = highest or 0
-        if len(self.streams) < self._walk_at and remainder in self._walked:
-            count, highest_then = self._walked[remainder]
-            bound = count + (highest - highest_then) // 2
-            settings = self.remote_settings if outbound else self.local_settings
-            if bound + 1 <= settings.max_concurrent_streams:
-                return bound
-        count = super()._open_streams(remainder)
-        self._walked[remainder] = (count, highest)
-        self._walk_at = max(64, 2 * len(self.streams))
-        return count
-
-
-def _pending_frame_length(conn):
-    """The declared length of the incomplete frame h2 holds, or 0.
-
-    Complete frames have been consumed, so the buffer starts with a frame header
-    (h2 4.1 names the buffer ``data``, 4.3+ ``_data``).
-    """
-    buffer = conn.incoming_buffer
-    pending = getattr(buffer, "_data", None) or getattr(buffer, "data", b"")
-    if len(pending) < 9:
-        return 0
-    return int.from_bytes(pending[:3], "big")
 
 
 class _WriteBatch:
@@ -183,7 +128,6 @@ class H2Protocol(Protocol):
         self._in_batch = False
         self._lost = False
         self._transport_paused = False
-        self._conn_unacked = 0
         self._guards = {
             "RST_STREAM": _RateGuard(limits.max_resets_per_second),
             "PING": _RateGuard(limits.max_pings_per_second),
@@ -209,8 +153,8 @@ class H2Protocol(Protocol):
             validate_inbound_headers=False,
             normalize_inbound_headers=False,
         )
-        self.conn = _Connection(config)
         limits = self.limits
+        self.conn = BoundedH2Connection(config, limits.max_header_list_size)
         self.conn.local_settings = type(self.conn.local_settings)(
             client=self.client_side,
             initial_values={
@@ -220,9 +164,6 @@ class H2Protocol(Protocol):
                 SettingCodes.ENABLE_PUSH: 0,
             },
         )
-        # h2 applies a changed limit to its header decoder only on the peer's ACK of a
-        # SETTINGS change, so set the decoder's limit directly.
-        self.conn.decoder.max_header_list_size = limits.max_header_list_size
         self.conn.initiate_connection()
         if limits.connection_window > 65535:
             self.conn.increment_flow_control_window(limits.connection_window - 65535)
@@ -243,9 +184,10 @@ class H2Protocol(Protocol):
                 return
             for event in events:
                 self._dispatch(event)
+            self._replenish_connection_window()
             # h2 checks a frame's declared length only once the whole frame is in,
             # so a peer could make it buffer 16 MiB: check the pending header now.
-            if _pending_frame_length(self.conn) > self.conn.max_inbound_frame_size:
+            if pending_frame_length(self.conn) > self.conn.max_inbound_frame_size:
                 self.conn.close_connection(ErrorCodes.FRAME_SIZE_ERROR, b"frame too large")
                 self.close_after_writing()
                 return
@@ -254,16 +196,20 @@ class H2Protocol(Protocol):
             if batch.depth == 0:
                 batch.write_all()
 
+    def _replenish_connection_window(self):
+        # From the window itself, whatever consumed it (h2 credits DATA on
+        # closed streams on its own): once a quarter is spent, all of it back.
+        window = max(self.limits.connection_window, 65535)
+        spent = window - self.conn.inbound_flow_control_window
+        if spent >= window // 4:
+            self.conn.increment_flow_control_window(spent)
+
     def _dispatch(self, event):
         handler = self._handlers.get(type(event))
         if handler is not None:
             handler(self, event)
 
     def _data_received(self, event):
-        self._conn_unacked += event.flow_controlled_length
-        if self._conn_unacked >= self.limits.connection_window // 4:
-            self.conn.increment_flow_control_window(self._conn_unacked)
-            self._conn_unacked = 0
         stream = self.streams.get(event.stream_id)
         if stream is not None:
             stream.data_received(event.data, event.flow_controlled_length)
@@ -272,6 +218,10 @@ class H2Protocol(Protocol):
         stream = self.streams.get(event.stream_id)
         if stream is not None:
             stream.end_received()
+
+    def _stream_refused(self, event):
+        # Refusing costs a header block's decoding, as a reset stream does.
+        self._flooded("RST_STREAM")
 
     def _stream_reset(self, event):
         if self._flooded("RST_STREAM"):
@@ -324,6 +274,7 @@ class H2Protocol(Protocol):
         TrailersReceived: lambda self, event: self.trailers_received(event),
         StreamEnded: _stream_ended,
         StreamReset: _stream_reset,
+        StreamRefused: _stream_refused,
         WindowUpdated: _window_updated,
         RemoteSettingsChanged: _settings_changed,
         ConnectionTerminated: lambda self, event: self.goaway_received(event),

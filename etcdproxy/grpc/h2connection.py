@@ -1,0 +1,146 @@
+"""h2's H2Connection adapted to a server facing untrusted peers.
+
+h2 is a correct state machine but trusts its peer's pace: it walks its whole
+stream table per new stream, ends the connection for one stream too many,
+buffers a header block of up to 64 frames before looking at its size, and ends
+the connection on any GOAWAY. `BoundedH2Connection` changes those; the rest of
+the protocol is h2's.
+"""
+
+from h2.connection import ConnectionInputs, H2Connection
+from h2.errors import ErrorCodes
+from h2.exceptions import DenialOfServiceError, ProtocolError
+from h2.frame_buffer import FrameBuffer
+from h2.stream import StreamClosedBy
+from hpack import HPACKError, OversizedHeaderListError
+from hyperframe.frame import ContinuationFrame, RstStreamFrame
+
+
+class _HeaderBlockBuffer(FrameBuffer):
+    """h2's frame buffer, refusing a header block (HEADERS + CONTINUATION
+    frames) once it outgrows what a header list of the allowed size needs.
+
+    HPACK never makes a block much larger than its decoded list, so a block
+    over twice the list limit, or in many pieces, is a CONTINUATION flood:
+    ended with ENHANCE_YOUR_CALM before it is buffered, not after 64 frames.
+    """
+
+    MAX_FRAMES = 16
+
+    def __init__(self, server, max_header_list_size):
+        super().__init__(server=server)
+        self.max_block = 2 * max_header_list_size + 1024
+        self._block_frames = 0
+        self._block_bytes = 0
+
+    def _update_header_buffer(self, f):
+        if not self._headers_buffer:
+            self._block_frames = 0
+            self._block_bytes = 0
+        self._block_frames += 1
+        self._block_bytes += len(getattr(f, "data", b"") or b"")
+        if self._headers_buffer and isinstance(f, ContinuationFrame) and (
+                self._block_frames > self.MAX_FRAMES or self._block_bytes > self.max_block):
+            raise DenialOfServiceError("header block too large")
+        return super()._update_header_buffer(f)
+
+
+class StreamRefused:
+    """A stream the peer opened past MAX_CONCURRENT_STREAMS, reset at once."""
+
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id):
+        self.stream_id = stream_id
+
+
+class BoundedH2Connection(H2Connection):
+    """h2's H2Connection, with stream counting in amortized O(1), kept open
+    after a GOAWAY for the streams the peer still finishes, and refusing a
+    stream over the concurrency limit with REFUSED_STREAM.
+
+    h2 counts open streams by walking its whole stream table each time a stream
+    is opened (and forgets closed streams on the way), so opening N streams costs
+    O(N^2): 10,000 watch streams took 30 s. Here the walk runs only when the
+    table has doubled since the last one; in between, the count is the last
+    walk's plus the streams opened since (from the stream ids, which only grow).
+    That is an upper bound, so a concurrency limit is never exceeded; near the
+    limit the exact walk decides.
+    """
+
+    def __init__(self, config, max_header_list_size):
+        super().__init__(config=config)
+        buffer = _HeaderBlockBuffer(not config.client_side, max_header_list_size)
+        buffer.max_frame_size = self.incoming_buffer.max_frame_size
+        self.incoming_buffer = buffer
+        # h2 gives its decoder a changed limit only when the peer acknowledges
+        # the SETTINGS announcing it; the limit holds from the first frame.
+        self.decoder.max_header_list_size = max_header_list_size
+        self._walked = {}  # parity -> (open count, highest stream id) at the last walk
+        self._walk_at = 64
+
+    def _receive_goaway_frame(self, frame):
+        # h2 treats any GOAWAY as the end of the connection and would refuse
+        # the frames that follow, even in the same read. HTTP/2 lets the
+        # streams up to last_stream_id finish, so the state is kept open; the
+        # protocol opens no new stream once it has seen the GOAWAY.
+        state = self.state_machine.state
+        result = super()._receive_goaway_frame(frame)
+        self.state_machine.state = state
+        return result
+
+    def _receive_headers_frame(self, frame):
+        # h2 ends the whole connection (PROTOCOL_ERROR) when a peer opens one
+        # stream too many; HTTP/2 asks only that stream be refused (RFC 9113
+        # 5.1.2), which clients retry. Its header block is still decoded, or
+        # the HPACK tables of both sides would differ from then on.
+        sid = frame.stream_id
+        if (sid not in self.streams and sid > self.highest_inbound_stream_id
+                and not self._stream_id_is_outbound(sid)
+                and self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams):
+            return self._refuse_stream(frame)
+        return super()._receive_headers_frame(frame)
+
+    def _refuse_stream(self, frame):
+        try:
+            self.decoder.decode(frame.data, raw=True)
+        except OversizedHeaderListError as e:
+            raise DenialOfServiceError(f"Oversized header block: {e}") from e
+        except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as e:
+            raise ProtocolError(f"Error decoding header block: {e}") from e
+        events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+        self.highest_inbound_stream_id = frame.stream_id
+        # Later frames of the stream get h2's answer to a stream it reset.
+        self._closed_streams[frame.stream_id] = StreamClosedBy.SEND_RST_STREAM
+        reset = RstStreamFrame(frame.stream_id)
+        reset.error_code = ErrorCodes.REFUSED_STREAM
+        return [reset], events + [StreamRefused(frame.stream_id)]
+
+    def _open_streams(self, remainder):
+        outbound = remainder == (1 if self.config.client_side else 0)
+        highest = self.highest_outbound_stream_id if outbound else self.highest_inbound_stream_id
+        highest = highest or 0
+        if len(self.streams) < self._walk_at and remainder in self._walked:
+            count, highest_then = self._walked[remainder]
+            # ids of this parity in (highest_then, highest]
+            bound = count + (highest - remainder) // 2 - (highest_then - remainder) // 2
+            settings = self.remote_settings if outbound else self.local_settings
+            if bound + 1 <= settings.max_concurrent_streams:
+                return bound
+        count = super()._open_streams(remainder)
+        self._walked[remainder] = (count, highest)
+        self._walk_at = max(64, 2 * len(self.streams))
+        return count
+
+
+def pending_frame_length(conn):
+    """The declared length of the incomplete frame h2 holds, or 0.
+
+    Complete frames have been consumed, so the buffer starts with a frame header
+    (h2 4.1 names the buffer ``data``, 4.3+ ``_data``).
+    """
+    buffer = conn.incoming_buffer
+    pending = getattr(buffer, "_data", None) or getattr(buffer, "data", b"")
+    if len(pending) < 9:
+        return 0
+    return int.from_bytes(pending[:3], "big")
