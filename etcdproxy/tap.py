@@ -72,6 +72,10 @@ class Options(usage.Options):
         ["max-concurrent-streams", None, 2**32 - 1,
          "maximum concurrent streams that each client connection can open",
          _positive_int("max-concurrent-streams")],
+        ["send-stall-timeout", None, 60.0,
+         "seconds a client may read none of a call's pending answer before the call "
+         "ends (RESOURCE_EXHAUSTED; reset if its status already waits behind the "
+         "data); 0: never", float],
         ["upstream-keepalive-interval", None, 10.0,
          "seconds between keepalive pings to etcd while calls are open (at least 5: "
          "etcd answers faster pings with GOAWAY too_many_pings)", float],
@@ -198,7 +202,7 @@ class Options(usage.Options):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         for name in ("cache-max-bytes", "cache-max-entries", "cache-token-max-age", "client-max-rps",
-                     "client-burst", "client-max-concurrent"):
+                     "client-burst", "client-max-concurrent", "send-stall-timeout"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must not be negative")
         if self["cache-check-interval"] <= 0:
@@ -300,7 +304,9 @@ def makeService(options):
     from etcdproxy.services.registration import Registration
     from etcdproxy.tls import TLSServerEndpoint
     from etcdproxy.upstream.monitor import EndpointMonitor
+    from etcdproxy.memory import keep_large_blocks_returnable
 
+    keep_large_blocks_returnable()
     top = ProxyService()
     monitor = EndpointMonitor(
         reactor,
@@ -320,6 +326,7 @@ def makeService(options):
         max_receive_message=options["max-recv-bytes"],
         max_send_message=options["max-send-bytes"],
         max_concurrent_streams=options["max-concurrent-streams"],
+        send_stall_timeout=options["send-stall-timeout"],
     )
     watches = WatchBroadcaster(
         monitor, exact=options["watch-exact"], send_buffer=options["watch-send-buffer"],

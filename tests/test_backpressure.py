@@ -2,9 +2,13 @@
 bounded (the stream is ended once --watch-send-buffer bytes wait for it),
 other streams on the same connection and other clients keep being served, and
 once the reader resumes it gets the events that were on their way, in order,
-then a clear RESOURCE_EXHAUSTED status."""
+then a clear RESOURCE_EXHAUSTED status. A client that asks for large ranges and
+reads none of them: flow control leaves the answers at etcd's side, not in the
+proxy's memory; others are served meanwhile."""
 
 import time
+
+from h2.errors import ErrorCodes
 
 from tests.support import targets
 from tests.support.grpcio import R, Stubs, Stream
@@ -87,6 +91,47 @@ class StalledWatchReaderTests(targets.EtcdProxyTestCase):
         code, message = raw.responses[sid].status
         self.assertEqual(code, 8, message)  # RESOURCE_EXHAUSTED
         self.assertIn("watch stream not read", message)
+
+
+class StalledRangeReaderTests(targets.EtcdProxyTestCase):
+    proxy_args = ("--send-stall-timeout", "3")
+
+    def test_unread_large_ranges_end_after_the_stall_timeout(self):
+        writer = Stubs(self.direct)
+        self.addCleanup(writer.close)
+        for i in range(6):  # one Range answer: 3.6 MiB
+            writer.kv.Put(R.PutRequest(key=b"/backpressure/big/%d" % i, value=b"x" * (600 * 1024)))
+        get = grpc_frame(R.RangeRequest(key=b"/backpressure/big/", range_end=b"/backpressure/big0")
+                         .SerializeToString())
+        rss_before = rss_bytes(self.proxy.proc.pid)
+        raw = H2Client(self.proxied)
+        self.addCleanup(raw.close)
+        stalled = []
+        for _ in range(60):  # 216 MiB of answers, never read
+            stalled.append(raw.request(RANGE, get))
+            raw.stalled.add(stalled[-1])
+        time.sleep(1)
+        other = Stubs(self.proxied)
+        self.addCleanup(other.close)
+        started = time.monotonic()
+        self.assertEqual(other.kv.Range(R.RangeRequest(key=b"/backpressure/big/0"), timeout=5).count, 1)
+        self.assertLess(time.monotonic() - started, 2)
+        # After --send-stall-timeout, each stalled answer (its status queued
+        # behind the unread data) is reset: the proxy holds none of it.
+        deadline = time.monotonic() + 3 + 5
+        while not all(raw.responses[sid].reset is not None for sid in stalled):
+            self.assertLess(time.monotonic(), deadline, "unread calls not ended after the stall timeout")
+            raw._pump(0.2)
+        self.assertEqual({raw.responses[sid].reset for sid in stalled}, {ErrorCodes.CANCEL})
+        self.assertIsNone(raw.terminated)
+        time.sleep(0.5)
+        growth = rss_bytes(self.proxy.proc.pid) - rss_before
+        print("proxy RSS growth after 60 unread 3.6 MiB ranges ended: %d bytes" % growth)
+        self.assertLess(growth, 32 * 1024 * 1024, "proxy RSS grew by %d bytes" % growth)
+        # The connection still serves calls it reads.
+        r = raw.call(RANGE, grpc_frame(R.RangeRequest(key=b"/backpressure/big/0", keys_only=True)
+                                       .SerializeToString()))
+        self.assertEqual(r.status, (0, ""))
 
 
 def _complete_messages(data, offset):

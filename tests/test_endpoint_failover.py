@@ -22,10 +22,14 @@ import uuid
 
 import grpc
 
+from tests.support.etcd import parse_metrics
 from tests.support.grpcio import ClusterTestCase, R, Stream, Stubs, rpc_error
 from tests.support.proxy import ProxyProcess
+from tests.support.tcprelay import TCPRelay
 
 HANDLED = "grpc_server_handled_total"
+STARTED = "grpc_server_started_total"
+WATCHERS = "etcd_debugging_mvcc_watcher_total"
 CALL_TIMEOUT = 8.0
 
 
@@ -344,14 +348,74 @@ class EndpointFailoverTests(ClusterTestCase):
     def test_watches_resume_on_another_member_after_sigkill(self):
         """Watch streams through the proxy survive the death of the member they
         were opened on: every watcher gets every event exactly once, in order,
-        and no error."""
-        self.check_watches_resume(self.etcd.kill, "SIGKILL")
+        and no error; nothing is left at etcd once the clients are gone."""
+        self.check_watches_survive(self.etcd.kill, "SIGKILL")
 
     def test_watches_resume_on_another_member_after_sigstop(self):
-        self.check_watches_resume(self.etcd.pause, "SIGSTOP")
+        self.check_watches_survive(self.etcd.pause, "SIGSTOP")
 
-    def check_watches_resume(self, stop_member, how):
-        proxy = self.proxy()
+    def test_watches_survive_upstream_connections_reset_mid_stream(self):
+        """The proxy's connections to etcd are reset (TCP RST) three times while
+        the members stay up: streams are reopened, nothing lost or repeated."""
+        relays = [TCPRelay(endpoint) for endpoint in self.etcd.endpoints]
+        for relay in relays:
+            self.addCleanup(relay.stop)
+        proxy = self.proxy(endpoints=[relay.address for relay in relays])
+        resets = []
+        self.check_watches_survive(lambda used: resets.append(sum(relay.reset_all() for relay in relays)),
+                                   "upstream connection reset", proxy=proxy, at=(100, 150, 200),
+                                   moves=False)
+        self.assertTrue(all(resets), resets)
+
+    def test_watches_and_leases_survive_the_whole_cluster_down_and_back(self):
+        def all_down_and_back(used):
+            for i in range(3):
+                self.etcd.kill(i)
+            time.sleep(1.0)
+            for i in range(3):
+                self.etcd.restart(i, wait=False)
+            self.etcd.wait_healthy()
+
+        self.check_watches_survive(all_down_and_back, "whole cluster down and back", moves=False)
+
+    def put(self, writer, key, n):
+        """Puts value n, retried while etcd is unreachable; its revision."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return writer.kv.Put(R.PutRequest(key=key, value=b"%d" % n), timeout=5).header.revision
+            except grpc.RpcError:
+                self.assertLess(time.monotonic(), deadline, "etcd did not come back")
+                time.sleep(0.1)
+                kvs = writer.kv.Range(R.RangeRequest(key=key, serializable=True), timeout=5).kvs
+                if kvs and kvs[0].value == b"%d" % n:  # the failed put was applied after all
+                    return kvs[0].mod_revision
+
+    def open_at_etcd(self, i):
+        """Upstream watchers, Watch streams and LeaseKeepAlive streams open at member i."""
+        samples = parse_metrics(self.etcd.metrics(i))
+
+        def total(name, method=None):
+            return sum(v for n, labels, v in samples
+                       if n == name and (method is None or labels.get("grpc_method") == method))
+        return {"watchers": total(WATCHERS),
+                "Watch streams": total(STARTED, "Watch") - total(HANDLED, "Watch"),
+                "LeaseKeepAlive streams": total(STARTED, "LeaseKeepAlive") - total(HANDLED, "LeaseKeepAlive")}
+
+    def assertOpenAtEtcd(self, expected, timeout=15):
+        """Waits until the running members hold ``expected`` in all (the sums
+        of `open_at_etcd`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            per_member = [self.open_at_etcd(i) for i in range(3) if self.etcd.is_running(i)]
+            found = {what: sum(counts[what] for counts in per_member) for what in expected}
+            if found == expected:
+                return
+            self.assertLess(time.monotonic(), deadline, "at etcd: %s, expected %s" % (per_member, expected))
+            time.sleep(0.5)
+
+    def check_watches_survive(self, fault, how, proxy=None, at=(100,), moves=True):
+        proxy = proxy or self.proxy()
         stubs = self.stubs(proxy.address)
         used = self.used_member(stubs)
         self.move_leader((used + 1) % 3)  # no election: only the watch path is tested
@@ -370,23 +434,24 @@ class EndpointFailoverTests(ClusterTestCase):
         lease = stubs.lease.LeaseGrant(R.LeaseGrantRequest(TTL=5)).ID
         keepalive = Stream(stubs.lease_stream.LeaseKeepAlive)
         self.addCleanup(keepalive.close)
-        load = self.load(proxy.address)
+        load = self.load(proxy.address) if moves else None
         revisions = []
         for n in range(300):
-            if n == 100:
-                stop_member(used)
-                killed_at = time.monotonic()
-            revisions.append(writer.kv.Put(R.PutRequest(key=key, value=b"%d" % n)).header.revision)
+            if n in at:
+                fault(used)
+                fault_at = time.monotonic()
+            revisions.append(self.put(writer, key, n))
             if n % 50 == 0:  # a keep-alive every ~0.5 s, as a client would
                 keepalive.send(R.LeaseKeepAliveRequest(ID=lease))
             time.sleep(0.005)
-        report("%s: puts after it took" % how, time.monotonic() - killed_at)
-        load.stop()
-        self.assertEqual(load.failures("read"), [])
-        self.assertEqual(load.failures("serializable-read"), [])
+        report("%s: puts after it took" % how, time.monotonic() - fault_at)
+        if load is not None:
+            load.stop()
+            self.assertEqual(load.failures("read"), [])
+            self.assertEqual(load.failures("serializable-read"), [])
         # Keep the lease alive past its TTL after the failure (the failover, up
         # to 3 s for SIGSTOP, is shorter than the TTL).
-        while time.monotonic() < killed_at + 6.5:
+        while time.monotonic() < fault_at + 6.5:
             keepalive.send(R.LeaseKeepAliveRequest(ID=lease))
             time.sleep(0.5)
         answers = []
@@ -397,8 +462,9 @@ class EndpointFailoverTests(ClusterTestCase):
                 break
         self.assertIsNone(keepalive.error)
         self.assertTrue(answers and all(a.ID == lease and a.TTL > 0 for a in answers), answers[-3:])
-        self.assertTrue(any(a.header.member_id != self.member_ids[used] for a in answers),
-                        "no keep-alive answered by another member")
+        if moves:
+            self.assertTrue(any(a.header.member_id != self.member_ids[used] for a in answers),
+                            "no keep-alive answered by another member")
         ttl = writer.lease.LeaseTimeToLive(R.LeaseTimeToLiveRequest(ID=lease)).TTL
         self.assertGreater(ttl, 0, "the kept-alive lease expired")
         for i, s in enumerate(streams):
@@ -413,6 +479,15 @@ class EndpointFailoverTests(ClusterTestCase):
             for watch_id in (0, 1):
                 self.assertEqual(seen[watch_id], revisions, "stream %d watch %d" % (i, watch_id))
             self.assertIsNone(s.error)
+        # At etcd, once all members run again: the two shared watchers once, and
+        # the range cache's invalidation watcher on a stream of its own (the
+        # proxy's fixed cost); only the latter once the clients are gone.
+        self.restore_cluster()
+        self.assertOpenAtEtcd({"watchers": 3, "Watch streams": 2, "LeaseKeepAlive streams": 1})
+        for s in streams:
+            s.close()
+        keepalive.close()
+        self.assertOpenAtEtcd({"watchers": 1, "Watch streams": 1, "LeaseKeepAlive streams": 0})
 
     def test_watch_resumed_at_a_compacted_revision_is_told_as_etcd_tells(self):
         """A watch whose next revision was compacted while its member was

@@ -144,6 +144,32 @@ class FloodTests(EtcdProxyTestCase):
         self.assertEqual(answer.status, (0, ""))
         self.assertIsNone(raw.terminated)
 
+    def test_a_flooder_that_does_not_read_is_cut_off(self):
+        """Ended for a flood while 24 MiB of answers wait for it: it is cut off
+        after END_GRACE (5 s) instead of keeping the connection while they
+        drain into a client that does not read."""
+        writer = Stubs(self.direct)
+        self.addCleanup(writer.close)
+        for i in range(16):
+            writer.kv.Put(R.PutRequest(key=b"/floods/big/%02d" % i, value=b"x" * (1500 * 1024)))
+        raw = H2Client(self.proxied)
+        self.addCleanup(raw.close)
+        raw.conn.update_settings({0x4: 2**31 - 1})  # INITIAL_WINDOW_SIZE: the answer is all sent
+        raw.request(RANGE, grpc_frame(R.RangeRequest(key=b"/floods/big/", range_end=b"/floods/big0")
+                                      .SerializeToString()))
+        time.sleep(2)  # the answer waits in the proxy's buffers: this client reads nothing
+        try:
+            for i in range(11000):
+                raw.conn.ping(i.to_bytes(8, "big"))
+            raw.flush()
+        except OSError:
+            pass
+        time.sleep(5 + 2)
+        closed, data = read_until_closed(raw.sock, 10)
+        self.assertTrue(closed)
+        self.assertLess(len(data), 20 * 1024 * 1024, "the whole answer was sent: not cut off")
+        self.assertServes()
+
     def test_silent_connection_is_closed_after_the_handshake_timeout(self):
         host, port = self.proxied.rsplit(":", 1)
         s = socket.create_connection((host, int(port)), timeout=5)

@@ -299,12 +299,13 @@ class _UnaryResult:
         self.messages.append(message)
 
     def call_finished(self, error, metadata):
+        messages, self.messages = self.messages, []  # not kept by the call's objects
         if error is not None:
             self.deferred.errback(error)
-        elif len(self.messages) != 1:
-            self.deferred.errback(GRPCError(StatusCode.INTERNAL, f"unary call got {len(self.messages)} responses"))
+        elif len(messages) != 1:
+            self.deferred.errback(GRPCError(StatusCode.INTERNAL, f"unary call got {len(messages)} responses"))
         else:
-            self.deferred.callback(self.messages[0])
+            self.deferred.callback(messages[0])
 
 
 class Channel:

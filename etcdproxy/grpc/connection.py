@@ -26,15 +26,18 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.settings import SettingCodes
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from etcdproxy.grpc.h2connection import BoundedH2Connection, StreamRefused, pending_frame_length
 
 
 _MAX_INT31 = 2**31 - 1
+END_GRACE = 5.0  # seconds a connection the proxy ended has to take its GOAWAY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,9 @@ class Limits:
     max_resets_per_second: int = 1000
     max_pings_per_second: int = 10000
     max_settings_per_second: int = 100
+    # Seconds a stream may hold data its peer gives no window for before
+    # `stream_stalled` is called (0: never).
+    send_stall_timeout: float = 0
 
 
 class _RateGuard:
@@ -108,7 +114,15 @@ class _WriteBatch:
         self._call = None
         pending = self.pending
         while pending:
-            pending.pop()._flush_now()
+            protocol = pending.pop()
+            try:
+                protocol._flush_now()
+            except Exception:
+                # A bug on one connection must not skip the others' writes nor
+                # surface in whichever connection's read is running.
+                protocol._log.failure("writing to {peer} failed; connection aborted",
+                                      peer=protocol.transport.getPeer())
+                protocol.transport.abortConnection()
 
 
 @implementer(IPushProducer)
@@ -124,6 +138,8 @@ class H2Protocol(Protocol):
         self.streams = {}
         self._to_flush = set()
         self._blocked = set()  # streams with data queued but no window to send it
+        self._stall_check = None
+        self._ending = None  # the abort timer, once end_connection() was called
         self._batch = _WriteBatch.of(reactor)
         self._in_batch = False
         self._lost = False
@@ -179,17 +195,17 @@ class H2Protocol(Protocol):
                 events = self.conn.receive_data(data)
             except ProtocolError as e:
                 self._log.debug("HTTP/2 protocol error from {peer}: {e}", peer=self.transport.getPeer(), e=e)
-                self._write_out()
-                self.transport.loseConnection()
+                self.end_connection()  # h2 has framed the GOAWAY
                 return
             for event in events:
+                if self._ending is not None:
+                    return  # ended by one of them (a flood)
                 self._dispatch(event)
             self._replenish_connection_window()
             # h2 checks a frame's declared length only once the whole frame is in,
             # so a peer could make it buffer 16 MiB: check the pending header now.
             if pending_frame_length(self.conn) > self.conn.max_inbound_frame_size:
-                self.conn.close_connection(ErrorCodes.FRAME_SIZE_ERROR, b"frame too large")
-                self.close_after_writing()
+                self.end_connection(ErrorCodes.FRAME_SIZE_ERROR, b"frame too large")
                 return
         finally:
             batch.depth -= 1
@@ -238,8 +254,7 @@ class H2Protocol(Protocol):
             self._log.warn("{peer} sent over {limit} {frame} frames in a second: connection closed",
                            peer=self.transport.getPeer(), limit=self._guards[frame_type].limit,
                            frame=frame_type)
-            self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM, f"too many {frame_type} frames".encode())
-            self.close_after_writing()
+            self.end_connection(ErrorCodes.ENHANCE_YOUR_CALM, f"too many {frame_type} frames".encode())
         return True
 
     def _window_updated(self, event):
@@ -261,6 +276,25 @@ class H2Protocol(Protocol):
     def stream_blocked(self, stream):
         """``stream`` has data queued that the peer's windows hold back."""
         self._blocked.add(stream)
+        if stream.blocked_since is None:
+            stream.blocked_since = self.reactor.seconds()
+        if self.limits.send_stall_timeout and self._stall_check is None:
+            self._stall_check = self.reactor.callLater(self.limits.send_stall_timeout, self._check_stalls)
+
+    def _check_stalls(self):
+        self._stall_check = None
+        if self._lost:
+            return
+        now = self.reactor.seconds()
+        timeout = self.limits.send_stall_timeout
+        for stream in list(self._blocked):
+            if stream.blocked_since is not None and now - stream.blocked_since >= timeout:
+                stream.blocked_since = now  # the next call, if any, one timeout later
+                self.stream_stalled(stream)
+        waiting = [stream.blocked_since for stream in self._blocked if stream.blocked_since is not None]
+        if waiting:
+            self._stall_check = self.reactor.callLater(max(0.1, min(waiting) + timeout - now),
+                                                       self._check_stalls)
 
     def _unblock(self):
         if self._blocked:
@@ -325,6 +359,19 @@ class H2Protocol(Protocol):
         self._write_out()
         self.transport.loseConnection()
 
+    def end_connection(self, error_code=None, reason=b""):
+        """Ends the connection on the proxy's initiative (the peer broke the
+        protocol or flooded it) with GOAWAY ``error_code`` (None: h2 has framed
+        one). The calls end now, not when the transport closes, and a peer that
+        does not read its last frames is cut off after ``END_GRACE`` seconds."""
+        if self._ending is not None or self._lost:
+            return
+        if error_code is not None and self.conn.state_machine.state != ConnectionState.CLOSED:
+            self.conn.close_connection(error_code, reason)
+        self.close_after_writing()
+        self._ending = self.reactor.callLater(END_GRACE, self.transport.abortConnection)
+        self._end_streams(Failure(ConnectionDone("connection ended by the proxy")))
+
     def reset_stream(self, stream_id, error_code=ErrorCodes.CANCEL):
         self.streams.pop(stream_id, None)
         try:
@@ -341,6 +388,13 @@ class H2Protocol(Protocol):
 
     def connectionLost(self, reason):
         self._lost = True
+        for timer in (self._stall_check, self._ending):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._stall_check = None
+        self._end_streams(reason)
+
+    def _end_streams(self, reason):
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             stream.connection_lost(reason)
@@ -359,6 +413,9 @@ class H2Protocol(Protocol):
 
     def goaway_received(self, event):
         pass
+
+    def stream_stalled(self, stream):
+        """``stream``'s peer has not read it for ``send_stall_timeout`` seconds."""
 
     def ping_acked(self, event):
         pass

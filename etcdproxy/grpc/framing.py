@@ -62,6 +62,12 @@ class MessageDecoder:
             messages.append(body)
         return messages
 
+    def release(self):
+        """Drops a partial message at once: a call's objects may be kept a
+        while in reference cycles, its buffers need not be."""
+        self._buffer = bytearray()
+        self._needed = None
+
     def _decompress(self, body):
         if self.encoding in (None, "identity"):
             raise GRPCError(

@@ -11,7 +11,9 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import Interface
 
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
+from h2.exceptions import StreamClosedError
 
 from etcdproxy.grpc.connection import H2Protocol, Limits
 from etcdproxy.grpc.stream import MessageStream
@@ -99,7 +101,17 @@ class ServerCall(MessageStream):
         if self._headers_sent or self._finished or self.closed:
             return
         self._headers_sent = True
-        self.protocol.conn.send_headers(self.stream_id, [_STATUS_200, _CONTENT_TYPE, *metadata])
+        conn = self.protocol.conn
+        if conn.state_machine.state is ConnectionState.CLOSED:
+            # The proxy has ended the connection (GOAWAY: the client's protocol
+            # error or flood), Twisted has not reported it lost yet; this may be
+            # called from the upstream connection's events, which must not fail.
+            self.close()
+            return
+        try:
+            conn.send_headers(self.stream_id, [_STATUS_200, _CONTENT_TYPE, *metadata])
+        except StreamClosedError:
+            return  # reset by the client in the read being handled; its StreamReset follows
         self.protocol.schedule_flush(None)
 
     def send_message(self, payload):
@@ -162,6 +174,18 @@ class ServerCall(MessageStream):
         as soon as it reads again)."""
         self.discard_unsent()
         self._ended_by_us(GRPCError(code, message))
+
+    def stalled(self, seconds):
+        """The client has read none of this call's data for ``seconds``: the
+        call ends with RESOURCE_EXHAUSTED (unsent messages dropped); one whose
+        status is already queued behind the unread data, or that stays stalled,
+        is reset, which frees all it holds."""
+        if self._finished:
+            self._end_abruptly(GRPCError(StatusCode.CANCELLED, "call not read"))
+            self.protocol.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+            return
+        self.abandon(StatusCode.RESOURCE_EXHAUSTED,
+                     f"call not read for {seconds:g} s: {self.queued_bytes} bytes wait")
 
     def when_ended(self, callback):
         """Calls ``callback()`` once the call is over, however it ends."""
@@ -252,8 +276,13 @@ class GRPCServerProtocol(H2Protocol):
         self.factory.connections.discard(self)
         self._closed.callback(None)
 
+    def stream_stalled(self, call):
+        call.stalled(self.limits.send_stall_timeout)
+
     def request_received(self, event):
         sid = event.stream_id
+        if self.conn.state_machine.state is ConnectionState.CLOSED:
+            return  # ended (a flood) earlier in the same read: no new call
         if self._last_stream_id is not None and sid > self._last_stream_id:
             self.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
@@ -291,7 +320,12 @@ class GRPCServerProtocol(H2Protocol):
         headers = [(b":status", http_status), _CONTENT_TYPE, (b"grpc-status", b"%d" % code)]
         if message:
             headers.append((b"grpc-message", encode_grpc_message(message)))
-        self.conn.send_headers(stream_id, headers, end_stream=True)
+        try:
+            self.conn.send_headers(stream_id, headers, end_stream=True)
+        except StreamClosedError:
+            # The client reset the stream in the same read as its request: h2
+            # has taken the RST_STREAM in already, and there is no one to answer.
+            return
         # The request side may still be open; RST(NO_ERROR) releases it.
         stream = self.conn.streams.get(stream_id)
         if stream is not None and not stream.closed:

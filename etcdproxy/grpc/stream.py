@@ -8,6 +8,7 @@
   and resumes it once drained, as in Twisted's producer/consumer model.
 """
 
+from h2.connection import ConnectionState
 from h2.exceptions import ProtocolError, StreamClosedError
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
@@ -39,6 +40,7 @@ class MessageStream:
         self._held = []
         self._unacked = 0
         self.closed = False
+        self.blocked_since = None  # when the peer's windows last stopped its data
 
     # -- outbound ---------------------------------------------------------------
 
@@ -81,6 +83,12 @@ class MessageStream:
         """Sends what the peer's windows allow; called by the protocol."""
         if self.closed or self.stream_id is None:
             return
+        if conn.state_machine.state is ConnectionState.CLOSED:
+            # h2 has ended the connection (GOAWAY after a peer's protocol error
+            # or flood) and refuses to send more; its connectionLost, which
+            # ends the calls, follows.
+            self.close()
+            return
         last = False
         if self._out:
             window = conn.local_flow_control_window(self.stream_id)
@@ -90,6 +98,7 @@ class MessageStream:
             frame_size = conn.max_outbound_frame_size
             data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
             n = min(window, len(data))
+            self.blocked_since = None
             last = n == len(data) and self._end_stream
             for start in range(0, n, frame_size):
                 end = min(n, start + frame_size)
@@ -190,6 +199,7 @@ class MessageStream:
 
     def close(self):
         self.closed = True
+        self.decoder.release()
         self._out = []
         self._out_size = 0
         self._held = []
