@@ -523,12 +523,12 @@ class StreamCountingTests(unittest.TestCase):
     HEADERS = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/x/y"),
                (b":authority", b"a"), (b"content-type", b"application/grpc")]
 
-    def pair(self, max_streams):
+    def pair(self, max_streams, client_class=H2Connection):
         server = BoundedH2Connection(H2Configuration(client_side=False, header_encoding=None), 16384)
         server.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: max_streams})
         server.local_settings.acknowledge()
         server.initiate_connection()
-        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        client = client_class(H2Configuration(client_side=True, header_encoding=None))
         client.initiate_connection()
         server.receive_data(client.data_to_send())
         client.receive_data(server.data_to_send())
@@ -568,6 +568,26 @@ class StreamCountingTests(unittest.TestCase):
             client, server = self.pair(limit)
             ids, events = self.open(client, server, limit + 1)
             self.assertEqual([type(e) for e in events], [RequestReceived] * limit + [StreamRefused], limit)
+
+    def test_closed_streams_cost_bounded_memory(self):
+        import tracemalloc
+
+        class ForgetfulClient(H2Connection):  # so that only the server's memory counts
+            MAX_CLOSED_STREAMS = 16
+
+        client, server = self.pair(100, ForgetfulClient)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = None
+        for n in range(300):  # 30,000 calls, 100 at a time
+            ids, events = self.open(client, server, 100)
+            for sid in ids:
+                client.reset_stream(sid, ErrorCodes.CANCEL)
+            server.receive_data(client.data_to_send())
+            if n == 50:
+                before = tracemalloc.get_traced_memory()[0]
+        grown = tracemalloc.get_traced_memory()[0] - before
+        self.assertLess(grown, 512 * 1024, "%d bytes more after 25,000 more closed streams" % grown)
 
     def test_stream_over_the_limit_is_refused_alone(self):
         client, server = self.pair(100)

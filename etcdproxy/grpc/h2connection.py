@@ -2,8 +2,8 @@
 
 h2 is a correct state machine but trusts its peer's pace: it walks its whole
 stream table per new stream, ends the connection for one stream too many,
-buffers a header block of up to 64 frames before looking at its size, and ends
-the connection on any GOAWAY. `BoundedH2Connection` changes those; the rest of
+buffers a header block of up to 64 frames before looking at its size, keeps
+the fate of 65536 closed streams, and ends the connection on any GOAWAY. `BoundedH2Connection` changes those; the rest of
 the protocol is h2's.
 """
 
@@ -67,6 +67,11 @@ class BoundedH2Connection(H2Connection):
     That is an upper bound, so a concurrency limit is never exceeded; near the
     limit the exact walk decides.
     """
+
+    # h2 remembers how its last 65536 closed streams ended (7.5 MiB), to tell
+    # a late frame on one of them from a protocol error; a long-lived
+    # connection grows to that. Late frames come within a round trip.
+    MAX_CLOSED_STREAMS = 4096
 
     def __init__(self, config, max_header_list_size):
         super().__init__(config=config)
