@@ -63,7 +63,7 @@ class FloodTests(EtcdProxyTestCase):
         self.assertServes()
 
     def test_ping_is_answered_at_once_when_nothing_else_goes(self):
-        # The proxy lets PING ACKs wait a few ms for other output to go with.
+        # The proxy lets PING ACKs wait up to 50 ms for other output to go with.
         raw = H2Client(self.proxied)
         self.addCleanup(raw.close)
         raw.flush()

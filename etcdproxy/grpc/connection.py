@@ -37,8 +37,9 @@ from etcdproxy.grpc.hpackcache import CachingDecoder, CachingEncoder
 
 _MAX_INT31 = 2**31 - 1
 
-# How long PING ACKs may wait for other output to go with (H2Protocol._write_out).
-CONTROL_DELAY = 0.005
+# How long PING ACKs may wait for other output to go with (H2Protocol._write_out): longer than most
+# calls take, so that the answer to the next call carries them.
+CONTROL_DELAY = 0.05
 
 
 def _only_ping_acks(data):
@@ -432,16 +433,25 @@ class H2Protocol(Protocol):
     def _write_out(self, hold_acks=False):
         data = self.conn.data_to_send()
         if hold_acks and data and _only_ping_acks(data):
-            # grpc-go pings after each DATA frame it receives (its bandwidth
-            # estimator); answering at once costs a write of its own (a send
-            # and two epoll_ctl) per call. The ACKs ride along with the next
-            # write on this connection instead, or go after CONTROL_DELAY.
+            # grpc-go pings after each DATA frame it receives while no ping
+            # of its is unanswered (its bandwidth estimator, with a
+            # WINDOW_UPDATE before each ping); answering at once costs a write
+            # of its own (a send and two epoll_ctl) per call. The ACKs ride
+            # along with the next write on this connection instead, or go
+            # after CONTROL_DELAY.
             self._held_output.append(data)
             if self._held_timer is None:
                 self._held_timer = self.reactor.callLater(CONTROL_DELAY, self._release_held)
             return
         if self._held_output:
-            self._held_output.append(data)
+            if hold_acks:
+                # After the new frames: a grpc-go peer that reads a DATA frame
+                # while its ping is still unanswered sends no new ping (with
+                # the ACKs first, it pings again for that DATA frame).
+                self._held_output.insert(0, data)
+            else:
+                # Before: what is written now may end the connection (GOAWAY).
+                self._held_output.append(data)
             data = b"".join(self._held_output)
             self._held_output = []
             if self._held_timer is not None:
