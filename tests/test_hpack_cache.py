@@ -43,6 +43,15 @@ class HpackCacheTests(unittest.TestCase):
                                  list(plain_dec.header_table.dynamic_entries))
         self.assertGreater(hits, 1000)
 
+    def test_blocks_are_remembered_with_an_empty_table(self):
+        enc = CachingEncoder()
+        enc.header_table_size = 0
+        enc.encode([(b"a", b"1")])  # the size change goes the ordinary way
+        first = enc.encode([(b"a", b"1")])
+        self.assertEqual(len(enc.header_table.dynamic_entries), 0)
+        self.assertEqual(enc._blocks, {(((b"a", b"1"),), True): first})
+        self.assertIs(enc.encode([(b"a", b"1")]), first)
+
     def test_decoder_limit_change_is_seen(self):
         enc, dec = Encoder(), CachingDecoder()
         block = enc.encode([(b"x-key", b"v" * 200)])

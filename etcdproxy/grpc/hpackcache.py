@@ -24,45 +24,41 @@ MAX_ENTRIES = 32
 MAX_BLOCK = 1024
 
 
-def _table_state(table):
-    entries = table.dynamic_entries
-    return (entries[0] if entries else None, len(entries), table.maxsize)
-
-
-def _same(a, b):
-    return a is not None and b is not None and a[0] is b[0] and a[1:] == b[1:]
+_UNKNOWN = object()  # the table state is to be noted afresh
 
 
 class CachingEncoder(Encoder):
     def __init__(self):
         super().__init__()
         self._blocks = {}
-        self._state = None
+        # The table as the remembered blocks found it: newest entry, entries, size.
+        self._first, self._count, self._size = _UNKNOWN, None, None
 
     def encode(self, headers, huffman=True):
         table = self.header_table
         if type(headers) is not list or table.resized:
-            self._state = None
+            self._first = _UNKNOWN
             return super().encode(headers, huffman)
         for header in headers:
             # HeaderTuple subclasses (never-indexed fields) compare equal to
             # plain tuples: they always go the ordinary way.
             if type(header) is not tuple or len(header) != 2:
-                self._state = None
+                self._first = _UNKNOWN
                 return super().encode(headers, huffman)
-        state = _table_state(table)
-        if not _same(state, self._state):
+        entries = table.dynamic_entries
+        first = entries[0] if entries else None
+        count = len(entries)
+        if first is not self._first or count != self._count or table.maxsize != self._size:
             self._blocks.clear()
-            self._state = state
+            self._first, self._count, self._size = first, count, table.maxsize
         key = (tuple(headers), huffman)
         block = self._blocks.get(key)
         if block is not None:
             return block
         block = super().encode(headers, huffman)
-        after = _table_state(table)
-        if not _same(after, state):
+        if (entries[0] if entries else None) is not first or len(entries) != count or table.maxsize != self._size:
             self._blocks.clear()
-            self._state = after
+            self._first = _UNKNOWN
         elif len(block) <= MAX_BLOCK:
             if len(self._blocks) >= MAX_ENTRIES:
                 self._blocks.clear()
@@ -74,28 +70,32 @@ class CachingDecoder(Decoder):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._headers = {}
-        self._state = None
+        self._state = None  # (newest entry, entries, size, the two limits)
 
     def _full_state(self):
-        return _table_state(self.header_table) + (self.max_header_list_size, self.max_allowed_table_size)
+        table = self.header_table
+        entries = table.dynamic_entries
+        return (entries[0] if entries else None, len(entries), table.maxsize,
+                self.max_header_list_size, self.max_allowed_table_size)
 
     def decode(self, data, raw=False):
         if type(data) is not bytes or len(data) > MAX_BLOCK:
             self._state = None
             return super().decode(data, raw)
         state = self._full_state()
-        if not _same(state, self._state):
+        known = self._state
+        if known is None or state[0] is not known[0] or state[1:] != known[1:]:
             self._headers.clear()
-            self._state = state
+            self._state = known = state
         key = (data, raw)
         headers = self._headers.get(key)
         if headers is not None:
             return list(headers)
         headers = super().decode(data, raw)
         after = self._full_state()
-        if not _same(after, state):
+        if after[0] is not known[0] or after[1:] != known[1:]:
             self._headers.clear()
-            self._state = after
+            self._state = None
         else:
             if len(self._headers) >= MAX_ENTRIES:
                 self._headers.clear()
