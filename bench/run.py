@@ -3,7 +3,7 @@
 proxy (``etcd grpc-proxy start``) and with etcd itself, in one run.
 
     make bench            # full suite (~15 min)
-    make bench-quick      # quick mode (~3 min, without W7)
+    make bench-quick      # quick mode (under 2 min, without W7)
     .venv/bin/python bench/run.py [--quick] [--workloads W1,W4] [--reps N] [--out DIR]
 
 Starts one etcd (data dir on tmpfs when /dev/shm exists), the Go proxy and
@@ -82,10 +82,10 @@ QUICK = {
     "w1": {1: 1000, 16: 3000, 64: 5000},          # concurrency -> requests
     "w2": {16: 4000, 64: 4000},
     "w3": {64: 3000},
-    "w4_watchers": [100, 1000], "w4_duration": 2.0, "w4_shared": dict(SHARED_FANOUT, puts=2000),
-    "w5_watchers": [0, 1000], "w5_conns": 1000,
+    "w4_watchers": [100, 1000], "w4_duration": 1.5, "w4_shared": dict(SHARED_FANOUT, puts=1000),
+    "w5_watchers": [0, 1000], "w5_conns": 1000, "w5_settle": (0.3, 0.5),
     "w6_watchers": 1000, "w6_clients": 1000, "w6_ttl": 3, "w6_interval": 1.0,
-    "w6_duration": 2.0, "w6_gets": 2000,
+    "w6_duration": 1.5, "w6_gets": 2000,
     "w7": STALLED_FANOUT,
 }
 FULL = {
@@ -94,7 +94,7 @@ FULL = {
     "w2": {16: 15000, 64: 15000},
     "w3": {64: 10000},
     "w4_watchers": [100, 1000, 5000], "w4_duration": 5.0, "w4_shared": SHARED_FANOUT,
-    "w5_watchers": [0, 1000, 10000], "w5_conns": 1000,
+    "w5_watchers": [0, 1000, 10000], "w5_conns": 1000, "w5_settle": (0.5, 1.0),
     "w6_watchers": 1000, "w6_clients": 1000, "w6_ttl": 6, "w6_interval": 2.0,
     "w6_duration": 4.0, "w6_gets": 3000,
     "w7": STALLED_FANOUT,
@@ -893,7 +893,8 @@ class Suite(object):
         config = ("%d idle watchers" % n) if kind == "watchers" else ("%d idle connections" % n)
         target.restart()         # a fresh proxy: no memory left from earlier workloads
         self.maint()
-        base = self._settle_rss(target.pid, 0.5)
+        settle_fresh, settle = self.mode["w5_settle"]  # seconds for RSS to settle
+        base = self._settle_rss(target.pid, settle_fresh)
         etcd_base = rss_bytes(self.etcd.pid)
         if kind == "watchers" and n == 0:
             args = ["idle", "-endpoint", target.endpoint, "-conns", "1"]
@@ -905,7 +906,7 @@ class Suite(object):
         d = Driver(args, self.workdir, timeout=300.0, check=target.check_alive)
         try:
             ready = d.next()
-            rss = self._settle_rss(target.pid, 1.0)
+            rss = self._settle_rss(target.pid, settle)
             etcd_rss = rss_bytes(self.etcd.pid)
             d.proceed()
             end = d.next()
@@ -1351,8 +1352,8 @@ def scan_log(text):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="quick mode (~2-3 min): fewer requests, 1 repetition, "
-                   "100/1000 watchers, 2000 puts for the W4 acceptance configuration, no W7")
+    p.add_argument("--quick", action="store_true", help="quick mode (under 2 min): fewer requests, 1 repetition, "
+                   "100/1000 watchers, 1000 puts for the W4 acceptance configuration, no W7")
     p.add_argument("--workloads", default=None,
                    help="comma-separated subset of %s (default: all; quick mode: all but W7)"
                    % ",".join(ALL_WORKLOADS))

@@ -65,6 +65,32 @@ class FloodTests(EtcdProxyTestCase):
         self.assertEqual(self.until_terminated(raw), ErrorCodes.ENHANCE_YOUR_CALM)
         self.assertServes()
 
+    def test_ping_is_answered_at_once_when_nothing_else_goes(self):
+        # The proxy lets PING ACKs wait up to 50 ms for other output to go with.
+        raw = H2Client(self.proxied)
+        self.addCleanup(raw.close)
+        raw.flush()
+        raw._pump(0.2)
+        start = time.monotonic()
+        raw.conn.ping(b"12345678")
+        raw.flush()
+        deadline = start + 5
+        while not raw.ping_acks and time.monotonic() < deadline:
+            raw._pump(deadline - time.monotonic())
+        self.assertEqual([p for p, _ in raw.ping_acks], [b"12345678"])
+        self.assertLess(raw.ping_acks[0][1] - start, 0.5)
+
+    def test_ping_ack_goes_no_later_than_the_answer_to_a_call(self):
+        raw = H2Client(self.proxied)
+        self.addCleanup(raw.close)
+        raw.conn.ping(b"abcdefgh")
+        r = raw.call(RANGE, grpc_frame(R.RangeRequest(key=b"/floods/y").SerializeToString()))
+        self.assertEqual(r.status[0], 0)
+        deadline = time.monotonic() + 5
+        while not raw.ping_acks and time.monotonic() < deadline:
+            raw._pump(deadline - time.monotonic())
+        self.assertEqual([p for p, _ in raw.ping_acks], [b"abcdefgh"])
+
     def test_settings_flood(self):
         raw = H2Client(self.proxied)
         self.addCleanup(raw.close)

@@ -39,6 +39,20 @@ from etcdproxy.grpc.h2connection import BoundedH2Connection, StreamRefused, pend
 _MAX_INT31 = 2**31 - 1
 END_GRACE = 5.0  # seconds a connection the proxy ended has to take its GOAWAY
 
+# How long PING ACKs may wait for other output to go with (H2Protocol._write_out): longer than most
+# calls take, so that the answer to the next call carries them.
+CONTROL_DELAY = 0.05
+
+
+def _only_ping_acks(data):
+    """Whether ``data`` (whole HTTP/2 frames) is nothing but PING ACKs."""
+    if len(data) % 17:  # a PING frame: 9-byte header, 8 bytes of payload
+        return False
+    for i in range(0, len(data), 17):
+        if data[i + 3] != 0x6 or not data[i + 4] & 0x1 or data[i + 2] != 8:
+            return False
+    return True
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
@@ -144,6 +158,8 @@ class H2Protocol(Protocol):
         self._in_batch = False
         self._lost = False
         self._transport_paused = False
+        self._held_output = []  # PING ACKs waiting for a write to go with (_write_out)
+        self._held_timer = None
         self._guards = {
             "RST_STREAM": _RateGuard(limits.max_resets_per_second),
             "PING": _RateGuard(limits.max_pings_per_second),
@@ -337,12 +353,43 @@ class H2Protocol(Protocol):
                     stream.flush(conn)
                 except (StreamClosedError, FlowControlError):
                     stream.close()
-        self._write_out()
+        self._write_out(hold_acks=True)
 
-    def _write_out(self):
+    def _write_out(self, hold_acks=False):
         data = self.conn.data_to_send()
+        if hold_acks and data and _only_ping_acks(data):
+            # grpc-go pings after each DATA frame it receives while no ping
+            # of its is unanswered (its bandwidth estimator, with a
+            # WINDOW_UPDATE before each ping); answering at once costs a write
+            # of its own (a send and two epoll_ctl) per call. The ACKs ride
+            # along with the next write on this connection instead, or go
+            # after CONTROL_DELAY.
+            self._held_output.append(data)
+            if self._held_timer is None:
+                self._held_timer = self.reactor.callLater(CONTROL_DELAY, self._release_held)
+            return
+        if self._held_output:
+            if hold_acks:
+                # After the new frames: a grpc-go peer that reads a DATA frame
+                # while its ping is still unanswered sends no new ping (with
+                # the ACKs first, it pings again for that DATA frame).
+                self._held_output.insert(0, data)
+            else:
+                # Before: what is written now may end the connection (GOAWAY).
+                self._held_output.append(data)
+            data = b"".join(self._held_output)
+            self._held_output = []
+            if self._held_timer is not None:
+                if self._held_timer.active():
+                    self._held_timer.cancel()
+                self._held_timer = None
         if data:
             self.transport.write(data)
+
+    def _release_held(self):
+        self._held_timer = None
+        if not self._lost:
+            self._write_out()
 
     # IPushProducer: the transport's buffer toward the peer is full (or drained).
     def pauseProducing(self):
@@ -388,10 +435,11 @@ class H2Protocol(Protocol):
 
     def connectionLost(self, reason):
         self._lost = True
-        for timer in (self._stall_check, self._ending):
+        self._held_output = []
+        for timer in (self._stall_check, self._ending, self._held_timer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._stall_check = None
+        self._stall_check = self._held_timer = None
         self._end_streams(reason)
 
     def _end_streams(self, reason):

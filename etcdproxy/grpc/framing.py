@@ -34,6 +34,11 @@ class MessageDecoder:
 
     def feed(self, data):
         """Returns the list of complete message bodies; raises GRPCError on bad input."""
+        if self._needed is None and not self._buffer and type(data) is bytes and len(data) >= PREFIX_SIZE:
+            # The usual case, one whole uncompressed message in one DATA frame.
+            flag, length = _PREFIX.unpack_from(data)
+            if flag == 0 and len(data) == PREFIX_SIZE + length and length <= self.max_size:
+                return [data[PREFIX_SIZE:]]
         buf = self._buffer
         buf += data
         messages = []

@@ -80,6 +80,7 @@ class H2Client(object):
         self.stalled = set()
         self.terminated = None
         self.eof = False
+        self.ping_acks = []  # (payload, seconds since monotonic epoch) of each PING ACK
         self.flush()
 
     def flush(self):
@@ -133,6 +134,8 @@ class H2Client(object):
                     r.reset = ev.error_code
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.terminated = ev
+            elif isinstance(ev, h2.events.PingAckReceived):
+                self.ping_acks.append((ev.ping_data, time.monotonic()))
         try:
             self.flush()
         except OSError:
