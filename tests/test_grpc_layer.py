@@ -613,27 +613,22 @@ class StreamCountingTests(unittest.TestCase):
         self.assertTrue(all(isinstance(e, RequestReceived) for e in events), events[:3])
         self.assertEqual(events[-1].headers, self.HEADERS + extra)
 
-    def test_continuation_flood_is_refused_early(self):
+    def assertHeaderBlockRefused(self, continuations):
+        """A HEADERS frame then ``continuations`` (never END_HEADERS): refused
+        with GOAWAY ENHANCE_YOUR_CALM before h2 alone would (64 frames of up
+        to 16 KiB)."""
         client, server = self.pair(100)
         sid = client.get_next_available_stream_id()
         headers = HeadersFrame(sid, flags=[])
         headers.data = client.encoder.encode(self.HEADERS)
-        data = headers.serialize()
-        for _ in range(20):
-            data += ContinuationFrame(sid, data=b"").serialize()
+        data = headers.serialize() + b"".join(ContinuationFrame(sid, data=d).serialize() for d in continuations)
         with self.assertRaises(DenialOfServiceError):
             server.receive_data(data)
         goaway = [e for e in client.receive_data(server.data_to_send()) if isinstance(e, ConnectionTerminated)]
         self.assertEqual(goaway[0].error_code, ErrorCodes.ENHANCE_YOUR_CALM)
 
+    def test_continuation_flood_is_refused_early(self):
+        self.assertHeaderBlockRefused([b""] * 20)
+
     def test_header_block_larger_than_the_list_limit_is_refused_early(self):
-        client, server = self.pair(100)
-        sid = client.get_next_available_stream_id()
-        headers = HeadersFrame(sid, flags=[])
-        headers.data = client.encoder.encode(self.HEADERS)
-        data = headers.serialize()
-        for _ in range(3):  # 3 x 15 KiB of a never-ending header block
-            data += ContinuationFrame(sid, data=b"\0" * 15 * 1024).serialize()
-        # h2 alone would wait for up to 64 frames of 16 KiB.
-        with self.assertRaises(DenialOfServiceError):
-            server.receive_data(data)
+        self.assertHeaderBlockRefused([b"\0" * 15 * 1024] * 3)
