@@ -266,7 +266,7 @@ class H2Protocol(Protocol):
         """Counts a frame of the peer's; past the limit, ends the connection."""
         if not self._guards[frame_type].exceeded(self.reactor.seconds()):
             return False
-        if not self._lost and self.conn.state_machine.state != ConnectionState.CLOSED:
+        if self._ending is None and not self._lost:
             self._log.warn("{peer} sent over {limit} {frame} frames in a second: connection closed",
                            peer=self.transport.getPeer(), limit=self._guards[frame_type].limit,
                            frame=frame_type)

@@ -11,7 +11,6 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from zope.interface import Interface
 
-from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.exceptions import StreamClosedError
 
@@ -101,15 +100,8 @@ class ServerCall(MessageStream):
         if self._headers_sent or self._finished or self.closed:
             return
         self._headers_sent = True
-        conn = self.protocol.conn
-        if conn.state_machine.state is ConnectionState.CLOSED:
-            # The proxy has ended the connection (GOAWAY: the client's protocol
-            # error or flood), Twisted has not reported it lost yet; this may be
-            # called from the upstream connection's events, which must not fail.
-            self.close()
-            return
         try:
-            conn.send_headers(self.stream_id, [_STATUS_200, _CONTENT_TYPE, *metadata])
+            self.protocol.conn.send_headers(self.stream_id, [_STATUS_200, _CONTENT_TYPE, *metadata])
         except StreamClosedError:
             return  # reset by the client in the read being handled; its StreamReset follows
         self.protocol.schedule_flush(None)
@@ -281,8 +273,6 @@ class GRPCServerProtocol(H2Protocol):
 
     def request_received(self, event):
         sid = event.stream_id
-        if self.conn.state_machine.state is ConnectionState.CLOSED:
-            return  # ended (a flood) earlier in the same read: no new call
         if self._last_stream_id is not None and sid > self._last_stream_id:
             self.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return

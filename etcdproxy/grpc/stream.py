@@ -8,7 +8,6 @@
   and resumes it once drained, as in Twisted's producer/consumer model.
 """
 
-from h2.connection import ConnectionState
 from h2.exceptions import ProtocolError, StreamClosedError
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
@@ -82,12 +81,6 @@ class MessageStream:
     def flush(self, conn):
         """Sends what the peer's windows allow; called by the protocol."""
         if self.closed or self.stream_id is None:
-            return
-        if conn.state_machine.state is ConnectionState.CLOSED:
-            # h2 has ended the connection (GOAWAY after a peer's protocol error
-            # or flood) and refuses to send more; its connectionLost, which
-            # ends the calls, follows.
-            self.close()
             return
         last = False
         if self._out:
