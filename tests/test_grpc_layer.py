@@ -41,6 +41,10 @@ class ToyHandler:
     def call_started(self, call):
         self.call = call
         self.metadata = call.metadata
+        if self.kind == b"PausedCount":
+            # Reads nothing for a while, as a handler whose upstream is slow.
+            call.pause_receiving()
+            reactor.callLater(0.3, call.resume_receiving)
         if self.kind == b"Big":
             self.call.registerProducer(self)
             self.paused = 0
@@ -64,6 +68,9 @@ class ToyHandler:
             call.finish()
         elif self.kind == b"ClientStream":
             call.send_message(b"|".join(self.received))
+            call.finish()
+        elif self.kind == b"PausedCount":
+            call.send_message(b"%d" % len(self.received))
             call.finish()
         elif self.kind == b"Bidi":
             call.finish()
@@ -363,6 +370,36 @@ class ChannelTests(ServerTestMixin, unittest.TestCase):
         error, _ = yield slow.done
         self.assertIsNone(error)
         self.assertEqual(slow.received_bytes, 200 * 65536)
+
+    @defer.inlineCallbacks
+    def test_end_of_stream_waits_for_held_responses(self):
+        """The server's messages and END_STREAM arrive while the client does
+        not read: every message is delivered before the status."""
+        listener = Collector()
+        call = self.channel.start_call(b"/test.Toy/ServerStream", [], listener, timeout=5)
+        call.pause_receiving()
+        call.send_message(b"3000")  # about 13 KiB: within the 64 KiB stream window
+        call.end()
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(listener.done.called, "the call ended while its messages were held")
+        call.resume_receiving()
+        error, _ = yield listener.done
+        self.assertIsNone(error)
+        self.assertEqual(listener.messages, [b"%d" % i for i in range(3000)])
+
+    @defer.inlineCallbacks
+    def test_half_close_waits_for_held_requests(self):
+        """The client's messages and END_STREAM arrive while the handler does
+        not read: the handler gets every message before half_closed."""
+        listener = Collector()
+        call = self.channel.start_call(b"/test.Toy/PausedCount", [], listener, timeout=5)
+        for i in range(2000):
+            call.send_message(b"m%d" % i)
+        call.end()
+        error, _ = yield listener.done
+        self.assertIsNone(error)
+        self.assertEqual(listener.messages, [b"2000"])
+        self.assertEqual(self.service.handlers[0].received, [b"m%d" % i for i in range(2000)])
 
     @defer.inlineCallbacks
     def test_graceful_drain_lets_calls_finish(self):

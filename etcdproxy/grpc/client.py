@@ -159,6 +159,8 @@ class ClientCall(MessageStream):
             self._finish(error, metadata)
 
     def reset_received(self, error_code):
+        if self.fully_received and error_code == ErrorCodes.NO_ERROR:
+            return  # after the server's trailers (gRPC spec); held data still goes
         self._finish(GRPCError(
             status_for_reset(error_code),
             f"stream terminated by RST_STREAM with error code: {error_code!r}",
@@ -167,6 +169,8 @@ class ClientCall(MessageStream):
         ), ())
 
     def connection_lost(self, reason):
+        if self.fully_received:
+            return  # the server's whole answer is in; it is delivered as read
         # The request may have been sent and processed: the outcome is unknown.
         self._finish(GRPCError(StatusCode.UNAVAILABLE, f"upstream connection lost: {reason.getErrorMessage()}"), ())
 

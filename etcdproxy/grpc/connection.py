@@ -249,7 +249,7 @@ class H2Protocol(Protocol):
     def _stream_ended(self, event):
         stream = self.streams.get(event.stream_id)
         if stream is not None:
-            stream.end_received()
+            stream.remote_ended()
 
     def _stream_refused(self, event):
         # Refusing costs a header block's decoding, as a reset stream does.

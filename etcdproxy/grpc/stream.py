@@ -2,7 +2,9 @@
 
 - inbound, the stream's window is replenished only when its data has been handed
   on, and not while the stream is paused, so a slow consumer makes the peer stop
-  sending (the connection-level window is `H2Protocol`'s);
+  sending (the connection-level window is `H2Protocol`'s); the peer's END_STREAM
+  waits behind the data held meanwhile, so every message is handed on before
+  the end (a status, a half-close) is;
 - outbound, messages wait in the stream's queue for the peer's window; past a high
   watermark the queue pauses its registered producer (the other side of the proxy)
   and resumes it once drained, as in Twisted's producer/consumer model.
@@ -20,7 +22,9 @@ from etcdproxy.grpc.status import GRPCError
 class MessageStream:
     """One HTTP/2 stream's gRPC messages, with flow control both ways.
 
-    Subclasses implement ``_deliver(message)`` and ``_receive_failed(GRPCError)``.
+    Subclasses implement ``_deliver(message)``, ``_receive_failed(GRPCError)``
+    and ``end_received()``, the peer's end of the stream once every message
+    before it was delivered.
     """
 
     def __init__(self, protocol, stream_id, limits, encoding=None):
@@ -37,6 +41,7 @@ class MessageStream:
         self._producer_paused = False
         self._receiving_paused = False
         self._held = []
+        self._end_held = False  # the peer's END_STREAM, behind the held data
         self._unacked = 0
         self.closed = False
         self.blocked_since = None  # when the peer's windows last stopped its data
@@ -151,6 +156,9 @@ class MessageStream:
                 self._held.append((data, flow_length))
                 continue
             self._consume(data, flow_length)
+        if self._end_held and not self._held and not self.closed:
+            self._end_held = False
+            self.end_received()
         if self.protocol is not None:
             self.protocol.schedule_flush(None)
 
@@ -168,6 +176,19 @@ class MessageStream:
             self._held.append((data, flow_length))
         else:
             self._consume(data, flow_length)
+
+    def remote_ended(self):
+        """The peer ended its side (END_STREAM): ``end_received`` runs once
+        the data held before it has been delivered."""
+        if self._held:
+            self._end_held = True
+        else:
+            self.end_received()
+
+    @property
+    def fully_received(self):
+        """The peer has ended its side; only held data remains to deliver."""
+        return self._end_held
 
     def _consume(self, data, flow_length):
         try:
@@ -196,6 +217,7 @@ class MessageStream:
         self._out = []
         self._out_size = 0
         self._held = []
+        self._end_held = False
         self._end = None
         self._producer = None
 
