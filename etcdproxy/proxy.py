@@ -1,5 +1,7 @@
 """Which handler serves each etcd method."""
 
+from twisted.internet import defer
+
 from etcdproxy.grpc.status import GRPCError, StatusCode
 from etcdproxy.services.catalog import METHOD_PATHS, unknown_method_error
 from etcdproxy.services.namespace import UNNAMESPACED_SERVICES, Namespace, NamespacedCall, rewrites
@@ -18,10 +20,15 @@ _INVALIDATING = frozenset([*KV_WRITES, COMPACT_PATH, *AUTH_WRITES])
 
 class ProxyRouter:
     def __init__(self, upstream, watches=None, leases=None, cache=None, client_limits=None,
-                 advertise="127.0.0.1:23790", registration=None, namespace=None):
+                 advertise="127.0.0.1:23790", registration=None, namespace=None,
+                 relay_member_list=False):
         self.upstream = upstream  # the EndpointMonitor
-        self.advertise = advertise  # this proxy's address, for MemberList
-        self.registration = registration  # the Registration service (--resolver-prefix), or None
+        # MemberList's client URLs: the registered proxies' (--resolver-prefix), or this one's
+        if registration is not None:
+            self._client_urls = registration.client_urls
+        else:
+            self._client_urls = lambda: defer.succeed([advertise])
+        self.relay_member_list = relay_member_list
         self.namespace = Namespace(namespace) if namespace else None
         self.watches = watches or WatchBroadcaster(upstream)
         self.leases = leases or LeaseCoalescer(upstream)
@@ -52,8 +59,8 @@ class ProxyRouter:
             return KeepAliveStream(self.leases)
         if path == REVOKE_PATH:
             return RevokeCall(self.upstream, self.leases)
-        if path == MEMBER_LIST_PATH:
-            return MemberListCall(self.advertise, self.registration)
+        if path == MEMBER_LIST_PATH and not self.relay_member_list:
+            return MemberListCall(ForwardedCall(self.upstream), self._client_urls)
         if self.cache is not None:
             if path == RANGE_PATH:
                 return RangeCall(self.cache, self.upstream)

@@ -152,11 +152,11 @@ class Options(usage.Options):
          "(KV, Watch, LeaseTimeToLive; Election and Lock are refused under it)"],
         ["resolver-prefix", None, None,
          "register this proxy in etcd under this prefix (etcd's naming format); MemberList "
-         "through any proxy then lists the registered proxies"],
+         "through any proxy then gives the registered proxies' addresses as client URLs"],
         ["resolver-ttl", None, 60, "seconds a registration outlives a proxy that died", _positive_int("resolver-ttl")],
         ["advertise-client-url", None, None,
          "this proxy's address for clients (host:port), as registered and as MemberList "
-         "answers it (default: --listen-addr)"],
+         "gives it for every started member (default: --listen-addr)"],
         ["metrics-addr", None, None,
          "also serve /metrics, /health and /proxy/health on this address (host:port or "
          "http://host:port); they are always served on --listen-addr too"],
@@ -166,6 +166,9 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["debug", None, "log every call (method, peer, status, time) at debug level"],
+        ["relay-member-list", None,
+         "answer MemberList as etcd does, with the members' own client URLs (clients that "
+         "sync endpoints then go around the proxy); by default they are the proxies'"],
         ["enable-pprof", None, "not available: Go's runtime profiler (refused at start)"],
         ["experimental-serializable-ordering", None, "not implemented yet (refused at start)"],
         ["insecure-discovery", None, "not implemented yet (refused at start)"],
@@ -352,7 +355,8 @@ def makeService(options):
         registration.setServiceParent(top)
     router = ProxyRouter(monitor, watches, leases=leases, cache=cache, client_limits=client_limits,
                          advertise=options["advertise-client-url"], registration=registration,
-                         namespace=(options["namespace"] or "").encode() or None)
+                         namespace=(options["namespace"] or "").encode() or None,
+                         relay_member_list=options["relay-member-list"])
     factory = GRPCServerFactory(router, reactor, limits, observers)
     site = make_site(registry, monitor, _self_channel(reactor, options), access_log=options["debug"])
     endpoint = serverFromString(reactor, options["listen-description"])

@@ -454,23 +454,35 @@ class LeaseTests(GrpcioTestCase):
 class ClusterTests(GrpcioTestCase):
 
     def test_member_list(self):
+        """etcd's answer, header included, with this proxy's address as the
+        client URL of every started member."""
         pl = self.p.cluster.MemberList(R.MemberListRequest())
         dl = self.d.cluster.MemberList(R.MemberListRequest())
-        self.assertGreaterEqual(len(pl.members), 1)
-        for m in pl.members:
-            self.assertTrue(m.clientURLs, "member without client URLs: %r" % m)
-        if any(m.ID for m in pl.members):
-            # passed through: etcd's own member list
-            self.assertEqual([(m.ID, m.name, list(m.peerURLs), m.isLearner) for m in pl.members],
-                             [(m.ID, m.name, list(m.peerURLs), m.isLearner) for m in dl.members])
-        else:
-            # a proxy may list itself instead: then its URLs must reach it
-            port = self.proxied.rsplit(":", 1)[1]
-            for m in pl.members:
-                for u in m.clientURLs:
-                    self.assertTrue(u.rstrip("/").endswith(":" + port), "%r is not this proxy" % u)
-        if pl.HasField("header"):  # etcd's proxy answers its own list with no header
-            self.assertEqual(pl.header.cluster_id, dl.header.cluster_id)
+        self.assertEqual([list(m.clientURLs) for m in pl.members], [[self.proxied]])
+        for m in dl.members:
+            m.clientURLs[:] = [self.proxied]
+        self.assertEqual(pl, dl)
+        # IDs agree with the rest of etcd's answers
+        status = self.p.maint.Status(R.StatusRequest())
+        self.assertIn(status.header.member_id, [m.ID for m in pl.members])
+        self.assertIn(status.leader, [m.ID for m in pl.members])
+
+    def test_alarm_members_are_listed(self):
+        member = self.p.cluster.MemberList(R.MemberListRequest()).members[0].ID
+        alarm = R.AlarmRequest(action=R.AlarmRequest.ACTIVATE, memberID=member, alarm=R.NOSPACE)
+        self.addCleanup(lambda: self.d.maint.Alarm(R.AlarmRequest(
+            action=R.AlarmRequest.DEACTIVATE, memberID=member, alarm=R.NOSPACE)))
+        self.p.maint.Alarm(alarm)
+        listed = self.p.maint.Alarm(R.AlarmRequest(action=R.AlarmRequest.GET)).alarms
+        self.assertEqual([(a.memberID, a.alarm) for a in listed], [(member, R.NOSPACE)])
+
+
+class RelayedMemberListTests(GrpcioTestCase):
+    proxy_args = ("--relay-member-list",)
+
+    def test_member_list_is_etcds(self):
+        self.assertEqual(self.p.cluster.MemberList(R.MemberListRequest()),
+                         self.d.cluster.MemberList(R.MemberListRequest()))
 
     def test_member_errors_on_unknown_member(self):
         unknown = 0x1234567
@@ -499,6 +511,11 @@ class ClusterTests(GrpcioTestCase):
         self.assertTrue(r.member.isLearner)
         self.assertEqual(list(r.member.peerURLs), [url])
         self.assertIn(mid, [m.ID for m in r.members])
+        # the learner is listed as etcd lists it: not started, so no client URLs
+        listed = {m.ID: m for m in self.p.cluster.MemberList(R.MemberListRequest()).members}
+        self.assertEqual(listed[mid], [m for m in self.d.cluster.MemberList(R.MemberListRequest()).members
+                                       if m.ID == mid][0])
+        self.assertEqual((listed[mid].isLearner, list(listed[mid].clientURLs)), (True, []))
         url2 = "http://127.0.0.1:%d" % free_port()
         u = self.p.cluster.MemberUpdate(R.MemberUpdateRequest(ID=mid, peerURLs=[url2]))
         self.assertEqual([list(m.peerURLs) for m in u.members if m.ID == mid], [[url2]])

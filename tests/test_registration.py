@@ -52,8 +52,12 @@ class RegistrationTests(ClassFixtureTestCase):
         stored = Stubs(self.etcd.endpoint).kv.Range(R.RangeRequest(key=(PREFIX + "/" + addresses[0]).encode()))
         self.assertEqual(json.loads(stored.kvs[0].value),
                          {"Op": 0, "Addr": addresses[0], "Metadata": json.dumps({"name": socket.gethostname()})})
+        # etcd's one member, its client URLs the registered proxies'
         text = etcdctl(proxies[1].address, "member", "list").stdout
-        self.assertEqual(sorted(line.split(", ")[4] for line in text.splitlines()), sorted(addresses))
+        direct = etcdctl(self.etcd.endpoint, "member", "list").stdout
+        self.assertEqual(len(text.splitlines()), 1)
+        self.assertEqual(text.split(", ")[:4], direct.split(", ")[:4])
+        self.assertEqual(sorted(text.split(", ")[4].split(",")), sorted(addresses))
         # one dies: gone within the TTL
         proxies[2].proc.kill()
         killed = time.monotonic()

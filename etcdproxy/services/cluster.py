@@ -1,56 +1,74 @@
-"""Cluster.MemberList through the proxy, answered as etcd's proxy answers it:
-the proxies registered under --resolver-prefix, else this proxy itself (its
---advertise-client-url). Clients that sync their endpoints from the member
-list (clientv3's AutoSyncInterval) thus stay on the proxies instead of going
-around them to the etcd members. Other Cluster methods are passed through."""
+"""Cluster.MemberList through the proxy: etcd's own answer (header, member IDs,
+names, peer URLs, learner flags), with the client URLs of every started member
+replaced by the proxies' (the proxies registered under --resolver-prefix, else
+this proxy's --advertise-client-url).
 
+Clients that sync their endpoints from the member list (clientv3's
+AutoSyncInterval, etcdctl's --endpoints discovery) thus stay behind the
+proxies, while member IDs still agree with Status, alarms and member
+add/remove/update/promote. etcd's Go proxy answers a fake member instead (ID 0,
+no peer URLs, no learners). A member that has not started yet has no client
+URLs at etcd and gets none here. --relay-member-list relays etcd's answer as
+it is. Other Cluster methods are passed through."""
+
+from google.protobuf.message import DecodeError
 from twisted.internet import defer
-from zope.interface import implementer
 
-from etcdproxy.grpc.server import ICallHandler
 from etcdproxy.grpc.status import GRPCError, StatusCode
 from etcdproxy.pb.etcdserverpb import rpc_pb2
-from etcdproxy.services.registration import hostname
+from etcdproxy.services.wrapper import WrappedCall
 
 MEMBER_LIST_PATH = b"/etcdserverpb.Cluster/MemberList"
 
 
-@implementer(ICallHandler)
-class MemberListCall:
-    def __init__(self, advertise, registration=None):
-        self.advertise = advertise
-        self.registration = registration
-        self.call = None
-        self._done = False
+def with_client_urls(answer, urls):
+    """A MemberListResponse (bytes) with the client URLs of its started members
+    set to ``urls``; an answer that does not decode goes as it is."""
+    try:
+        response = rpc_pb2.MemberListResponse.FromString(answer)
+    except DecodeError:
+        return answer
+    for member in response.members:
+        if member.clientURLs:
+            member.clientURLs[:] = urls
+    return response.SerializeToString()
+
+
+class MemberListCall(WrappedCall):
+    """Wraps the pass-through of MemberList; ``client_urls()`` gives (a
+    Deferred of) the URLs the members' are replaced by."""
+
+    def __init__(self, handler, client_urls):
+        super().__init__(handler)
+        self.client_urls = client_urls
 
     def call_started(self, call):
         self.call = call
+        self.handler.call_started(_RewrittenAnswer(call, self.client_urls))
 
-    def request_received(self, message):
-        pass  # MemberListRequest has nothing that changes the answer
+
+class _RewrittenAnswer:
+    """The `ServerCall` as the pass-through sees it: the answer is held until
+    its status, then sent with the proxies' client URLs."""
+
+    def __init__(self, call, client_urls):
+        self._call = call
+        self._client_urls = client_urls
+        self._answer = None
+
+    def send_message(self, message):
+        self._answer = message
 
     @defer.inlineCallbacks
-    def half_closed(self):
-        members = []
-        if self.registration is not None:
+    def finish(self, code=StatusCode.OK, message="", metadata=()):
+        if code == StatusCode.OK and self._answer is not None:
             try:
-                members = yield self.registration.members()
+                urls = yield self._client_urls()
             except GRPCError as e:
-                self._finish(e.code, e.message)
+                self._call.finish(e.code, e.message)
                 return
-        if not members:  # no proxy registered yet: this one
-            members = [rpc_pb2.Member(name=hostname(), clientURLs=[self.advertise])]
-        if not self._done:
-            self.call.send_message(rpc_pb2.MemberListResponse(members=members).SerializeToString())
-            self._finish(StatusCode.OK, "")
+            self._call.send_message(with_client_urls(self._answer, urls))
+        self._call.finish(code, message, metadata)
 
-    def _finish(self, code, message):
-        if not self._done:
-            self._done = True
-            self.call.finish(code, message)
-
-    def call_cancelled(self, error):
-        self._done = True
-
-    def call_draining(self):
-        pass  # answered soon
+    def __getattr__(self, name):
+        return getattr(self._call, name)

@@ -132,17 +132,16 @@ class Registration(service.Service):
                 self._log.warn("could not revoke registration lease: {error}", error=e.message)
 
     @defer.inlineCallbacks
-    def members(self):
-        """The proxies registered under the prefix (Deferred list of Members)."""
+    def client_urls(self):
+        """The addresses of the proxies registered under the prefix, this one's
+        when none is (yet): a Deferred list of strings."""
         prefix = (self.prefix + "/").encode()
         answer = yield self._call(RANGE, rpc_pb2.RangeRequest(key=prefix, range_end=prefix_end(prefix)),
                                   rpc_pb2.RangeResponse)
-        members = []
+        urls = []
         for kv in answer.kvs:
             try:
-                update = json.loads(kv.value)
-                name = json.loads(update.get("Metadata") or "{}").get("name", "")
-                members.append(rpc_pb2.Member(name=name, clientURLs=[update["Addr"]]))
-            except (ValueError, KeyError, AttributeError, TypeError):
+                urls.append(str(json.loads(kv.value)["Addr"]))
+            except (ValueError, KeyError, TypeError):
                 continue  # not an entry of this format
-        return members
+        return urls or [self.address]
