@@ -6,6 +6,7 @@ from etcdproxy.grpc.status import GRPCError, StatusCode
 from etcdproxy.services.catalog import METHOD_PATHS, unknown_method_error
 from etcdproxy.services.namespace import UNNAMESPACED_SERVICES, Namespace, NamespacedCall, rewrites
 from etcdproxy.services.cluster import MEMBER_LIST_PATH, MemberListCall
+from etcdproxy.services import health
 from etcdproxy.services.forward import ForwardedCall
 from etcdproxy.services.lease import REVOKE_PATH, KeepAliveStream, RevokeCall
 from etcdproxy.services.lease_coalescer import KEEPALIVE_PATH, LeaseCoalescer
@@ -59,6 +60,10 @@ class ProxyRouter:
             return KeepAliveStream(self.leases)
         if path == REVOKE_PATH:
             return RevokeCall(self.upstream, self.leases)
+        if path == health.CHECK_PATH:
+            return health.HealthCheckCall(self.upstream)
+        if path == health.WATCH_PATH:
+            return health.HealthWatchCall(self.upstream)
         if path == MEMBER_LIST_PATH and not self.relay_member_list:
             return MemberListCall(ForwardedCall(self.upstream), self._client_urls)
         if self.cache is not None:

@@ -78,6 +78,11 @@ class ServerCall(MessageStream):
     def peer(self):
         return self.protocol.transport.getPeer()
 
+    @property
+    def server_draining(self):
+        """Whether the server is shutting down gracefully."""
+        return self.protocol.factory.draining
+
     def time_remaining(self):
         """Seconds left before the client's deadline, or None."""
         if self.deadline is None:
@@ -373,6 +378,7 @@ class GRPCServerFactory(Factory):
         self.limits = limits
         self.observers = tuple(observers)  # ICallObservers
         self.connections = set()
+        self.draining = False
 
     def buildProtocol(self, addr):
         return GRPCServerProtocol(self)
@@ -380,6 +386,7 @@ class GRPCServerFactory(Factory):
     def drain(self, timeout):
         """GOAWAY to every connection; calls still open after ``timeout`` end
         with UNAVAILABLE."""
+        self.draining = True
         closed = [c.drain() for c in list(self.connections)]
         timer = self.reactor.callLater(timeout, self._abort_all)
         d = defer.DeferredList(closed)

@@ -1,11 +1,13 @@
-"""Every method of the etcd v3 API that the proxy serves, read from the protos."""
+"""Every method of the etcd v3 API that the proxy serves, read from the protos
+(etcd's own services, and the gRPC health service etcd serves beside them)."""
 
 from etcdproxy.grpc.status import GRPCError, StatusCode
 from etcdproxy.pb.etcdserverpb import rpc_pb2
+from etcdproxy.pb.healthpb import health_pb2
 from etcdproxy.pb.v3electionpb import v3election_pb2
 from etcdproxy.pb.v3lockpb import v3lock_pb2
 
-_FILES = (rpc_pb2, v3election_pb2, v3lock_pb2)
+_FILES = (rpc_pb2, v3election_pb2, v3lock_pb2, health_pb2)
 
 # {b"etcdserverpb.KV": {b"Range", b"Put", ...}, ...}
 SERVICES = {

@@ -137,6 +137,7 @@ class EndpointMonitor(service.Service):
         self.members = [self._new_member(endpoint) for endpoint in endpoints]
         self.policy = make_policy(policy, {m: m.endpoint.weight for m in self.members}, self._rng)
         self._pool = list(self.members)  # the healthy members, in --endpoints order
+        self._health_observers = []
         self.failovers = 0  # times a member left the pool
 
     def _new_member(self, endpoint):
@@ -168,7 +169,7 @@ class EndpointMonitor(service.Service):
                 if self.running:
                     self._schedule(member, 0)
         self.members = kept
-        self._pool = [m for m in self.members if m.healthy]
+        self._update_pool()
         self.policy.set_weights({m: m.endpoint.weight for m in self.members})
         self._log.info("etcd endpoints now {endpoints}: {pick}",
                        endpoints=", ".join(str(m) for m in self.members), pick=self._describe_pick())
@@ -213,6 +214,27 @@ class EndpointMonitor(service.Service):
             raise GRPCError(StatusCode.UNAVAILABLE, NO_ENDPOINT)
         # The least recently failed; one that never failed (just added) first.
         return min(candidates, key=lambda m: -math.inf if m.failed_at is None else m.failed_at).channel
+
+    @property
+    def healthy(self):
+        """Whether some endpoint is healthy (in the pool)."""
+        return bool(self._pool)
+
+    def observe_health(self, observer):
+        """Calls ``observer(healthy)`` each time `healthy` changes, until
+        `ignore_health` is called with it."""
+        self._health_observers.append(observer)
+
+    def ignore_health(self, observer):
+        if observer in self._health_observers:
+            self._health_observers.remove(observer)
+
+    def _update_pool(self):
+        was_healthy = self.healthy
+        self._pool = [m for m in self.members if m.healthy]
+        if self.healthy != was_healthy:
+            for observer in list(self._health_observers):
+                observer(self.healthy)
 
     def can_serve(self):
         """Whether `pick` would find an endpoint now."""
@@ -304,7 +326,7 @@ class EndpointMonitor(service.Service):
             if member.successes >= self.rise or not self._pool:
                 member.healthy = True
                 member.healthy_since = now
-                self._pool = [m for m in self.members if m.healthy]
+                self._update_pool()
                 self._log.info("etcd endpoint {endpoint} is healthy again and back in the pool; {pick}",
                                endpoint=str(member), pick=self._describe_pick())
         self._schedule(member, self.check_interval)
@@ -324,7 +346,7 @@ class EndpointMonitor(service.Service):
             member.reason = reason
             member.failures += 1
             self.failovers += 1
-            self._pool = [m for m in self.members if m.healthy]
+            self._update_pool()
             self._log.warn("etcd endpoint {endpoint} failed ({reason}); {pick}",
                            endpoint=str(member), reason=reason, pick=self._describe_pick())
             if member.check is None:

@@ -18,6 +18,7 @@ KV = pb.kv_pb2
 AUTH = pb.auth_pb2
 EL = pb.v3election_pb2
 LK = pb.v3lock_pb2
+HEALTH = pb.health_pb2
 
 UNARY_TIMEOUT = 10.0
 STREAM_TIMEOUT = 60.0
@@ -64,7 +65,7 @@ class _TimeoutStub(object):
 
 
 class Stubs(object):
-    """All eight etcd service stubs on one channel; every call gets a
+    """All etcd service stubs (and the gRPC health service's) on one channel; every call gets a
     deadline (UNARY_TIMEOUT, or STREAM_TIMEOUT for streams) unless given."""
 
     def __init__(self, address, options=CHANNEL_OPTIONS):
@@ -81,6 +82,7 @@ class Stubs(object):
         self.auth = mk(pb.AuthStub)
         self.election = mk(pb.ElectionStub)
         self.lock = mk(pb.LockStub)
+        self.health = mk(pb.HealthStub)
         self.watch = _TimeoutStub(pb.WatchStub(self.channel), STREAM_TIMEOUT)
         # LeaseKeepAlive streams need the longer deadline
         self.lease_stream = _TimeoutStub(pb.LeaseStub(self.channel), STREAM_TIMEOUT)

@@ -23,10 +23,11 @@ PROTOS = [
     "authpb/auth.proto",
     "v3lockpb/v3lock.proto",
     "v3electionpb/v3election.proto",
+    "healthpb/health.proto",
 ]
-PACKAGES = ("etcdserverpb", "mvccpb", "authpb", "v3lockpb", "v3electionpb")
+PACKAGES = ("etcdserverpb", "mvccpb", "authpb", "v3lockpb", "v3electionpb", "healthpb")
 STUB_NAMES = ("KVStub", "WatchStub", "LeaseStub", "ClusterStub", "MaintenanceStub",
-              "AuthStub", "ElectionStub", "LockStub")
+              "AuthStub", "ElectionStub", "LockStub", "HealthStub")
 _IMPORT = re.compile(r"^from (%s) import " % "|".join(PACKAGES), re.M)
 
 _lock = threading.Lock()
@@ -54,10 +55,11 @@ def _load(path, modname):
 
 
 def load_stubs():
-    """A namespace with the eight ``*Stub`` classes (also servicers and
+    """A namespace with the nine ``*Stub`` classes (also servicers and
     ``add_*Servicer_to_server``), the grpc modules (``rpc_pb2_grpc``,
     ``v3election_pb2_grpc``, ``v3lock_pb2_grpc``) and the message modules
-    (``rpc_pb2``, ``kv_pb2``, ``auth_pb2``, ``v3election_pb2``, ``v3lock_pb2``).
+    (``rpc_pb2``, ``kv_pb2``, ``auth_pb2``, ``v3election_pb2``, ``v3lock_pb2``,
+    ``health_pb2``).
     Cached per process."""
     global _cached
     with _lock:
@@ -68,13 +70,15 @@ def load_stubs():
         from etcdproxy.pb.authpb import auth_pb2
         from etcdproxy.pb.v3electionpb import v3election_pb2
         from etcdproxy.pb.v3lockpb import v3lock_pb2
+        from etcdproxy.pb.healthpb import health_pb2
         ns = types.SimpleNamespace(rpc_pb2=rpc_pb2, kv_pb2=kv_pb2, auth_pb2=auth_pb2,
-                                   v3election_pb2=v3election_pb2, v3lock_pb2=v3lock_pb2)
+                                   v3election_pb2=v3election_pb2, v3lock_pb2=v3lock_pb2,
+                                   health_pb2=health_pb2)
         tmp = tempfile.mkdtemp(prefix="etcdproxy-test-stubs-")
         try:
             _generate(tmp)
             for pkg, name in (("etcdserverpb", "rpc"), ("v3electionpb", "v3election"),
-                              ("v3lockpb", "v3lock")):
+                              ("v3lockpb", "v3lock"), ("healthpb", "health")):
                 mod = _load(os.path.join(tmp, pkg, name + "_pb2_grpc.py"),
                             "tests.support._generated.%s.%s_pb2_grpc" % (pkg, name))
                 setattr(ns, name + "_pb2_grpc", mod)
