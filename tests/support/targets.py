@@ -122,13 +122,14 @@ class EtcdProxyTestCase(ClassFixtureTestCase):
 
     etcd_size = 1
     etcd_args = ()
+    etcd_binary = None  # None: $ETCDPROXY_TEST_ETCD, else Debian's etcd
     proxy_args = ()
     kind = None     # None: proxy_kind()
 
     @classmethod
     def setUpClass(cls):
         cls.kind = cls.kind or proxy_kind()
-        cls.etcd = EtcdCluster(size=cls.etcd_size, extra_args=cls.etcd_args)
+        cls.etcd = EtcdCluster(size=cls.etcd_size, extra_args=cls.etcd_args, binary=cls.etcd_binary)
         cls.proxy = None
         try:
             cls.etcd.start()
