@@ -4,7 +4,7 @@ from twisted.internet import defer
 
 from etcdproxy.grpc.status import GRPCError, StatusCode
 from etcdproxy.services.catalog import METHOD_PATHS, is_newer_etcd_method, unknown_method_error
-from etcdproxy.services.namespace import UNNAMESPACED_SERVICES, Namespace, NamespacedCall, rewrites
+from etcdproxy.services.namespace import Namespace, NamespacedCall, rewrites
 from etcdproxy.services.cluster import MEMBER_LIST_PATH, MemberListCall
 from etcdproxy.services import health
 from etcdproxy.services.forward import ForwardedCall
@@ -45,9 +45,6 @@ class ProxyRouter:
         return handler
 
     def _namespaced(self, path, handler):
-        if path.startswith(UNNAMESPACED_SERVICES):
-            raise GRPCError(StatusCode.UNIMPLEMENTED,
-                            "etcdgrpcproxy: Election and Lock are not available with --namespace yet")
         if is_newer_etcd_method(path):
             # Its keys, if it has any, would reach etcd outside the namespace.
             raise GRPCError(StatusCode.UNIMPLEMENTED,

@@ -149,7 +149,7 @@ class Options(usage.Options):
         ["key", None, None, "the private key of --cert (PEM)"],
         ["namespace", None, None,
          "prefix every key with this string on the way to etcd and strip it on the way back "
-         "(KV, Watch, LeaseTimeToLive; Election and Lock are refused under it)"],
+         "(KV, Watch, LeaseTimeToLive, Election and Lock names)"],
         ["resolver-prefix", None, None,
          "register this proxy in etcd under this prefix (etcd's naming format); MemberList "
          "through any proxy then gives the registered proxies' addresses as client URLs"],

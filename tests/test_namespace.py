@@ -1,12 +1,13 @@
 """--namespace: two proxies with different namespaces over one etcd never see
-each other's keys, watches, ranges over the whole keyspace and Txn included;
-keys come back without the prefix."""
+each other's keys, watches, ranges over the whole keyspace and Txn included,
+nor each other's locks and elections; keys come back without the prefix."""
+
+import threading
 
 import grpc
 
-from etcdproxy.pb.v3lockpb import v3lock_pb2
 from tests.support.etcdctl import etcdctl
-from tests.support.grpcio import R, Stream, Stubs, rpc_error
+from tests.support.grpcio import EL, LK, R, Stream, Stubs, rpc_error
 from tests.support.proxy import ProxyProcess
 from tests.support.targets import EtcdProxyTestCase
 
@@ -68,13 +69,65 @@ class NamespaceTests(EtcdProxyTestCase):
         self.assertEqual([(e.kv.key, e.kv.value) for e in events], [(b"w/1", b"a1"), (b"w/1", b"a2")])
         self.assertEqual(events[1].prev_kv.key, b"w/1")
 
-    def test_lease_keys_and_refused_services(self):
+    def test_lease_keys(self):
         lease = self.a.lease.LeaseGrant(R.LeaseGrantRequest(TTL=30)).ID
         self.a.kv.Put(R.PutRequest(key=b"leased", value=b"v", lease=lease))
         ttl = self.a.lease.LeaseTimeToLive(R.LeaseTimeToLiveRequest(ID=lease, keys=True))
         self.assertEqual(list(ttl.keys), [b"leased"])
-        code, details = rpc_error(self.a.lock.Lock, v3lock_pb2.LockRequest(name=b"l"))
-        self.assertEqual(code, grpc.StatusCode.UNIMPLEMENTED, details)
+
+    def lease(self, stubs):
+        lease = stubs.lease.LeaseGrant(R.LeaseGrantRequest(TTL=30)).ID
+        self.addCleanup(lambda: self.d.lease.LeaseRevoke(R.LeaseRevokeRequest(ID=lease)))
+        return lease
+
+    def test_one_lock_name_in_two_namespaces(self):
+        held = {side: stubs.lock.Lock(LK.LockRequest(name=b"lk", lease=self.lease(stubs)), timeout=5).key
+                for side, stubs in (("a", self.a), ("b", self.b))}  # neither waits for the other
+        for side, prefix in (("a", A), ("b", B)):
+            self.assertTrue(held[side].startswith(b"lk/"), held[side])
+            self.assertEqual(self.d.kv.Range(R.RangeRequest(key=prefix + held[side])).count, 1)
+        # a second locker in namespace a waits for a's holder only
+        result = {}
+
+        def lock():
+            result["key"] = self.a.lock.Lock(LK.LockRequest(name=b"lk", lease=self.lease(self.a)),
+                                             timeout=10).key
+        waiter = threading.Thread(target=lock, daemon=True)
+        waiter.start()
+        waiter.join(0.5)
+        self.assertTrue(waiter.is_alive(), "got a held lock: %r" % result)
+        self.b.lock.Unlock(LK.UnlockRequest(key=held["b"]))
+        waiter.join(0.5)
+        self.assertTrue(waiter.is_alive(), "b's unlock freed a's lock: %r" % result)
+        self.a.lock.Unlock(LK.UnlockRequest(key=held["a"]))
+        waiter.join(10)
+        self.assertTrue(result["key"].startswith(b"lk/"), result)
+        self.a.lock.Unlock(LK.UnlockRequest(key=result["key"]))
+        self.assertEqual(self.d.kv.Range(R.RangeRequest(key=A + b"lk/", range_end=A + b"lk0")).count, 0)
+
+    def test_one_election_name_in_two_namespaces(self):
+        observers = {}
+        leaders = {}
+        for side, stubs in (("a", self.a), ("b", self.b)):
+            leaders[side] = stubs.election.Campaign(EL.CampaignRequest(
+                name=b"el", lease=self.lease(stubs), value=side.encode()), timeout=5).leader
+            self.assertEqual(leaders[side].name, b"el")
+            self.assertTrue(leaders[side].key.startswith(b"el/"), leaders[side])
+            observers[side] = Stream(stubs.election.Observe, EL.LeaderRequest(name=b"el"))
+            self.addCleanup(observers[side].close)
+        for side, stubs in (("a", self.a), ("b", self.b)):
+            kv = stubs.election.Leader(EL.LeaderRequest(name=b"el")).kv
+            self.assertEqual((kv.key, kv.value), (leaders[side].key, side.encode()))
+            observed = observers[side].recv(5).kv
+            self.assertEqual((observed.key, observed.value), (leaders[side].key, side.encode()))
+            stubs.election.Proclaim(EL.ProclaimRequest(leader=leaders[side], value=b"again " + side.encode()))
+            self.assertEqual(observers[side].recv(5).kv.value, b"again " + side.encode())
+        prefixed = self.d.election.Leader(EL.LeaderRequest(name=A + b"el")).kv
+        self.assertEqual((prefixed.key, prefixed.value), (A + leaders["a"].key, b"again a"))
+        self.a.election.Resign(EL.ResignRequest(leader=leaders["a"]))
+        self.assertEqual(rpc_error(self.a.election.Leader, EL.LeaderRequest(name=b"el")),
+                         (grpc.StatusCode.UNKNOWN, "election: no leader"))
+        self.assertEqual(self.b.election.Leader(EL.LeaderRequest(name=b"el")).kv.value, b"again b")
 
     def test_etcdctl(self):
         etcdctl(self.proxied, "put", "ctl", "v")

@@ -3,8 +3,12 @@ prefix is stripped from every key on the way out, as etcd's Go client
 namespace package (and etcd's proxy with --namespace) does; ranges, the whole
 keyspace included, stay inside the namespace.
 
+Election and Lock names are prefixed too (etcd's namespace client leaves them
+out), and so are the leader keys clients pass back (Proclaim, Resign, Unlock),
+so that proxies of different namespaces never contend for one lock or election.
+
 `NamespacedCall` wraps the handler of a method with keys (KV, Watch,
-LeaseTimeToLive): request messages are rewritten before the handler sees
+LeaseTimeToLive, Election, Lock): request messages are rewritten before the handler sees
 them, response messages as the handler sends them. The handlers themselves
 (pass-through, range cache, watch broadcaster) never know.
 """
@@ -13,6 +17,8 @@ from google.protobuf.message import DecodeError
 
 from etcdproxy.grpc.status import StatusCode
 from etcdproxy.pb.etcdserverpb import rpc_pb2
+from etcdproxy.pb.v3electionpb import v3election_pb2 as election_pb2
+from etcdproxy.pb.v3lockpb import v3lock_pb2 as lock_pb2
 from etcdproxy.services.keys import prefix_end
 from etcdproxy.services.wrapper import WrappedCall
 
@@ -66,11 +72,23 @@ class Namespace:
             create = request.create_request
             create.key, create.range_end = prefix_interval(self.prefix, create.key, create.range_end)
 
+    def _named(self, request):  # Campaign, Leader, Observe, Lock
+        request.name = self.prefix + request.name
+
+    def _leader_key(self, request):  # Proclaim, Resign
+        request.leader.name = self.prefix + request.leader.name
+        request.leader.key = self.prefix + request.leader.key
+
+    def _unlock(self, request):
+        request.key = self.prefix + request.key
+
     # -- responses -----------------------------------------------------------------
 
+    def _stripped(self, key):
+        return key[len(self.prefix):] if key.startswith(self.prefix) else key
+
     def _strip(self, kv):
-        if kv.key.startswith(self.prefix):
-            kv.key = kv.key[len(self.prefix):]
+        kv.key = self._stripped(kv.key)
 
     def _range_response(self, response):
         for kv in response.kvs:
@@ -97,8 +115,18 @@ class Namespace:
                 self._strip(event.prev_kv)
 
     def _ttl_response(self, response):
-        response.keys[:] = [k[len(self.prefix):] if k.startswith(self.prefix) else k
-                            for k in response.keys]
+        response.keys[:] = [self._stripped(k) for k in response.keys]
+
+    def _campaign_response(self, response):
+        response.leader.name = self._stripped(response.leader.name)
+        response.leader.key = self._stripped(response.leader.key)
+
+    def _leader_response(self, response):  # Leader, Observe
+        if response.HasField("kv"):
+            self._strip(response.kv)
+
+    def _lock_response(self, response):
+        response.key = self._stripped(response.key)
 
 
 _TXN_RESPONSES = {
@@ -118,11 +146,19 @@ _METHODS = {
     b"/etcdserverpb.Watch/Watch": (rpc_pb2.WatchRequest, "_watch", rpc_pb2.WatchResponse, "_watch_response"),
     b"/etcdserverpb.Lease/LeaseTimeToLive": (rpc_pb2.LeaseTimeToLiveRequest, None,
                                              rpc_pb2.LeaseTimeToLiveResponse, "_ttl_response"),
+    b"/v3electionpb.Election/Campaign": (election_pb2.CampaignRequest, "_named",
+                                         election_pb2.CampaignResponse, "_campaign_response"),
+    b"/v3electionpb.Election/Proclaim": (election_pb2.ProclaimRequest, "_leader_key",
+                                         election_pb2.ProclaimResponse, None),
+    b"/v3electionpb.Election/Leader": (election_pb2.LeaderRequest, "_named",
+                                       election_pb2.LeaderResponse, "_leader_response"),
+    b"/v3electionpb.Election/Observe": (election_pb2.LeaderRequest, "_named",
+                                        election_pb2.LeaderResponse, "_leader_response"),
+    b"/v3electionpb.Election/Resign": (election_pb2.ResignRequest, "_leader_key",
+                                       election_pb2.ResignResponse, None),
+    b"/v3lockpb.Lock/Lock": (lock_pb2.LockRequest, "_named", lock_pb2.LockResponse, "_lock_response"),
+    b"/v3lockpb.Lock/Unlock": (lock_pb2.UnlockRequest, "_unlock", lock_pb2.UnlockResponse, None),
 }
-
-# Services whose requests name keys the proxy does not rewrite (yet): refused
-# under --namespace rather than reaching keys outside it.
-UNNAMESPACED_SERVICES = (b"/v3electionpb.Election/", b"/v3lockpb.Lock/")
 
 
 def rewrites(namespace, path):
