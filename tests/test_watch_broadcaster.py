@@ -377,3 +377,29 @@ class StreamOrderTests(GrpcioTestCase):
         revisions = [rev for rev, _, _ in seen["proxy"]]
         self.assertEqual(revisions, sorted(set(revisions)), "events out of revision order")
         self.assertEqual(seen["proxy"], seen["direct"])
+
+    def test_order_when_a_shared_watcher_is_still_catching_up(self):
+        """A watcher from now on a range whose shared watcher etcd is still
+        sending a long history (another stream's watcher from the past) is
+        kept in revision order with the stream's other watchers, as etcd
+        keeps a watcher created from now."""
+        hot, cold = self.key("hot"), self.key("cold")
+        # 3000 revisions of history: etcd sends them to a watcher from the past
+        # in batches of 1000 revisions, 100 ms apart, before it syncs it.
+        first = self.d.kv.Put(R.PutRequest(key=hot, value=b"h")).header.revision
+        for _ in range(2999):
+            self.d.kv.Put(R.PutRequest(key=hot, value=b"h"))
+        past = self.stream(self.p.watch.Watch)
+        past.send(create(hot, start_revision=first))
+        self.assertTrue(past.recv().created)
+        now = self.stream(self.p.watch.Watch)
+        now.send(create(hot))
+        now.send(create(cold))
+        self.assertTrue(now.recv().created)
+        self.assertTrue(now.recv().created)
+        revisions = [self.d.kv.Put(R.PutRequest(key=(hot, cold)[i % 2], value=b"n")).header.revision
+                     for i in range(40)]
+        got = []
+        while len(got) < len(revisions):
+            got += [e.kv.mod_revision for e in now.recv(10).events]
+        self.assertEqual(got, revisions)

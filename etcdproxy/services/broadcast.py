@@ -16,6 +16,11 @@ client watchers join. A shared watcher has delivered every event up to its
   proxy's design allows; `exact` mode reads etcd's revision first);
 - else gets a shared watcher of its own, started at W (a *catch-up*), which
   merges into the primary as soon as it has reached the primary's position.
+A primary that started in the past may still be getting history from etcd, in
+batches out of step with the stream's other watchers; a client watcher from now
+does not join it (it would not see the events of the stream's watchers in
+revision order, as etcd keeps them for a watcher from now): it gets a new
+primary from now, and the old one becomes a catch-up.
 
 Upstream shared watchers ask for progress notifications and fragments always;
 client watchers get each as they asked (`watch_responses`). Nothing here pauses
@@ -37,7 +42,7 @@ WATCH_PATH = b"/etcdserverpb.Watch/Watch"
 class SharedWatcher:
     __slots__ = (
         "upstream_id", "range", "create", "start_revision", "members", "waiting",
-        "created", "position", "fragments", "resumed", "abandoned",
+        "created", "position", "fragments", "resumed", "abandoned", "catching_up",
     )
 
     def __init__(self, upstream_id, range_, create, start_revision):
@@ -52,6 +57,9 @@ class SharedWatcher:
         self.fragments = []  # events of a fragmented response, until its last part
         self.resumed = False  # created again on a new upstream stream
         self.abandoned = False  # no client left before etcd confirmed it
+        # Started in the past: etcd may still be sending it history, in batches
+        # out of step with the stream's other watchers, until it is synced.
+        self.catching_up = False
 
     @property
     def idle(self):
@@ -96,6 +104,13 @@ class WatchSession:
         `watcher_created` or `watcher_refused`."""
         watcher.start_revision = start_revision
         primary = self.primaries.get(watcher.range)
+        if primary is not None and primary.catching_up and (
+                start_revision == 0 or start_revision > self.revision):
+            # A watcher from now gets a watcher etcd keeps in step with the
+            # stream's others, as etcd would give it; the one catching up
+            # merges into it once it has caught up.
+            self.catchups[watcher.range].add(primary)
+            primary = None
         if primary is None:
             primary = self.primaries[watcher.range] = self._new_shared(watcher, start_revision)
         if primary.created:
@@ -137,6 +152,7 @@ class WatchSession:
         upstream_id = self._next_id
         self._next_id += 1
         shared = SharedWatcher(upstream_id, watcher.range, watcher.create, start_revision)
+        shared.catching_up = start_revision > 0  # past or future: etcd's "created" tells
         self.watchers[upstream_id] = shared
         self.broadcaster.shared_watchers += 1
         self._send_create(shared, start_revision)
@@ -299,6 +315,7 @@ class WatchSession:
         shared.created = True
         start = shared.start_revision
         shared.position = start - 1 if start > 0 else response.header.revision
+        shared.catching_up = 0 < start <= response.header.revision
         waiting, shared.waiting = shared.waiting, []
         for watcher in waiting:
             self._attach(shared, watcher)
@@ -315,6 +332,8 @@ class WatchSession:
             plain = response.SerializeToString()
         batch = watch_responses.EventBatch(response.header, events, plain)
         shared.position = max(shared.position, batch.last_revision)
+        if batch.last_revision >= response.header.revision:
+            shared.catching_up = False  # it has reached etcd's revision: synced
         broadcaster = self.broadcaster
         broadcaster.events_received += len(events)
         broadcaster.events_sent += len(events) * len(shared.members)  # before filters
@@ -327,6 +346,7 @@ class WatchSession:
 
     def _progress_notified(self, shared, response):
         shared.position = max(shared.position, response.header.revision)
+        shared.catching_up = False  # etcd notifies synced watchers only
         for watcher in list(shared.members):
             if watcher.progress_notify:
                 watcher.stream.send_response(
