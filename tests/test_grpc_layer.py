@@ -41,6 +41,11 @@ class ToyHandler:
     def call_started(self, call):
         self.call = call
         self.metadata = call.metadata
+        if self.kind == b"Early":
+            # Answers before the client half-closes: trailers, then RST_STREAM(NO_ERROR).
+            for i in range(3000):
+                call.send_message(b"%d" % i)
+            call.finish()
         if self.kind == b"PausedCount":
             # Reads nothing for a while, as a handler whose upstream is slow.
             call.pause_receiving()
@@ -381,6 +386,25 @@ class ChannelTests(ServerTestMixin, unittest.TestCase):
         call.send_message(b"3000")  # about 13 KiB: within the 64 KiB stream window
         call.end()
         yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(listener.done.called, "the call ended while its messages were held")
+        call.resume_receiving()
+        error, _ = yield listener.done
+        self.assertIsNone(error)
+        self.assertEqual(listener.messages, [b"%d" % i for i in range(3000)])
+
+    @defer.inlineCallbacks
+    def test_held_answer_survives_the_trailing_reset(self):
+        """The server answers, then resets the stream (NO_ERROR) while the
+        client, which has not half-closed, does not read: the answer is
+        delivered whole, and what the client sends after it goes nowhere."""
+        listener = Collector()
+        call = self.channel.start_call(b"/test.Toy/Early", [], listener, timeout=5)
+        call.pause_receiving()
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertTrue(call.fully_received)
+        call.send_message(b"late")
+        call.end()
+        yield task.deferLater(reactor, 0.1, lambda: None)
         self.assertFalse(listener.done.called, "the call ended while its messages were held")
         call.resume_receiving()
         error, _ = yield listener.done

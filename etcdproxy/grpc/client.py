@@ -160,13 +160,22 @@ class ClientCall(MessageStream):
 
     def reset_received(self, error_code):
         if self.fully_received and error_code == ErrorCodes.NO_ERROR:
-            return  # after the server's trailers (gRPC spec); held data still goes
+            # After the server's trailers (gRPC spec): our side is done too,
+            # and the held answer still goes to the listener.
+            self.stop_sending()
+            return
         self._finish(GRPCError(
             status_for_reset(error_code),
             f"stream terminated by RST_STREAM with error code: {error_code!r}",
             # RFC 9113 8.7: a REFUSED_STREAM stream was not processed at all.
             unprocessed=error_code == ErrorCodes.REFUSED_STREAM,
         ), ())
+
+    def send_failed(self):
+        if self.fully_received:
+            self.stop_sending()  # the held answer still goes to the listener
+        else:
+            self._finish(GRPCError(StatusCode.INTERNAL, "stream closed while sending the request"), ())
 
     def connection_lost(self, reason):
         if self.fully_received:

@@ -352,7 +352,7 @@ class H2Protocol(Protocol):
                 try:
                     stream.flush(conn)
                 except (StreamClosedError, FlowControlError):
-                    stream.close()
+                    stream.send_failed()
         self._write_out(hold_acks=True)
 
     def _write_out(self, hold_acks=False):

@@ -145,7 +145,7 @@ class ServerCall(MessageStream):
 
     def _send_trailers(self, trailers):
         self.protocol.conn.send_headers(self.stream_id, trailers, end_stream=True)
-        if not self._remote_closed:
+        if not (self._remote_closed or self.fully_received):
             # The client may still be sending; tell it to stop (gRPC spec).
             self.protocol.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
         self.protocol.stream_done(self)

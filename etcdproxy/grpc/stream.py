@@ -42,6 +42,8 @@ class MessageStream:
         self._receiving_paused = False
         self._held = []
         self._end_held = False  # the peer's END_STREAM, behind the held data
+        self._resuming = False  # resume_receiving is delivering held data
+        self._sending_stopped = False  # the peer takes nothing more (stop_sending)
         self._unacked = 0
         self.closed = False
         self.blocked_since = None  # when the peer's windows last stopped its data
@@ -56,7 +58,7 @@ class MessageStream:
         self._producer = None
 
     def queue_message(self, payload):
-        if self.closed:
+        if self.closed or self._sending_stopped:
             return
         frame = encode_message(payload)
         self._out.append(frame)
@@ -85,7 +87,7 @@ class MessageStream:
 
     def flush(self, conn):
         """Sends what the peer's windows allow; called by the protocol."""
-        if self.closed or self.stream_id is None:
+        if self.closed or self.stream_id is None or self._sending_stopped:
             return
         last = False
         if self._out:
@@ -129,6 +131,20 @@ class MessageStream:
     def end_sent(self):
         """Our side of the stream is closed (hook for subclasses)."""
 
+    def stop_sending(self):
+        """The peer takes nothing more on this stream (it reset it after
+        ending its side): what is queued is dropped, what is held still goes
+        to the consumer."""
+        self._sending_stopped = True
+        self._out = []
+        self._out_size = 0
+        self._end = None
+        self._end_stream = False
+
+    def send_failed(self):
+        """h2 refused to send on the stream (it is closed there)."""
+        self.close()
+
     @property
     def queued_bytes(self):
         return self._out_size
@@ -150,12 +166,15 @@ class MessageStream:
         if not self._receiving_paused:
             return
         self._receiving_paused = False
-        held, self._held = self._held, []
-        for data, flow_length in held:
-            if self._receiving_paused or self.closed:
-                self._held.append((data, flow_length))
-                continue
-            self._consume(data, flow_length)
+        if self._resuming:
+            return  # resumed from a delivery below: its loop goes on
+        self._resuming = True
+        try:
+            while self._held and not self._receiving_paused and not self.closed:
+                data, flow_length = self._held.pop(0)
+                self._consume(data, flow_length)
+        finally:
+            self._resuming = False
         if self._end_held and not self._held and not self.closed:
             self._end_held = False
             self.end_received()

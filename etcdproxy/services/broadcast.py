@@ -311,6 +311,7 @@ class WatchSession:
             return
         if shared.resumed:
             shared.resumed = False
+            shared.catching_up = shared.position < response.header.revision  # from position + 1
             return  # its clients saw it created long ago
         shared.created = True
         start = shared.start_revision

@@ -45,9 +45,19 @@ ETCD_SERVICES = frozenset(name for name in SERVICES if not name.startswith(b"grp
 
 
 def is_newer_etcd_method(path):
-    """Whether ``path`` is a method of one of etcd's services that these protos lack."""
-    service, _, method = path.lstrip(b"/").partition(b"/")
-    return bool(method) and service in ETCD_SERVICES and path not in METHOD_PATHS
+    """Whether ``path`` is a method of one of etcd's services that these protos
+    lack: "/<service>/<method>" exactly (a path of another shape could reach a
+    known method at etcd around the proxy's handling of it)."""
+    parts = path.split(b"/")
+    return (len(parts) == 3 and not parts[0] and parts[1] in ETCD_SERVICES and bool(parts[2])
+            and path not in METHOD_PATHS)
+
+
+def unmarshal_error(path, error):
+    """What etcd (grpc-go) answers for a request message it cannot decode."""
+    if path in UNARY_PATHS:
+        return f"grpc: error unmarshalling request: {error}"
+    return f"grpc: failed to unmarshal the received message {error}"
 
 
 def unknown_method_error(path):

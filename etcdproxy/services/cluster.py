@@ -13,12 +13,14 @@ it is. Other Cluster methods are passed through."""
 
 from google.protobuf.message import DecodeError
 from twisted.internet import defer
+from twisted.logger import Logger
 
-from etcdproxy.grpc.status import GRPCError, StatusCode
+from etcdproxy.grpc.status import StatusCode
 from etcdproxy.pb.etcdserverpb import rpc_pb2
 from etcdproxy.services.wrapper import WrappedCall
 
 MEMBER_LIST_PATH = b"/etcdserverpb.Cluster/MemberList"
+_log = Logger()
 
 
 def with_client_urls(answer, urls):
@@ -64,8 +66,10 @@ class _RewrittenAnswer:
         if code == StatusCode.OK and self._answer is not None:
             try:
                 urls = yield self._client_urls()
-            except GRPCError as e:
-                self._call.finish(e.code, e.message)
+            except Exception:
+                # etcd's own URLs never go out: clients would sync around the proxy.
+                _log.failure("MemberList: the proxies' client URLs could not be had")
+                self._call.finish(StatusCode.UNAVAILABLE, "etcdgrpcproxy: client URLs unavailable")
                 return
             self._call.send_message(with_client_urls(self._answer, urls))
         self._call.finish(code, message, metadata)

@@ -15,6 +15,7 @@ from zope.interface import implementer
 from etcdproxy.grpc.server import ICallHandler
 from etcdproxy.grpc.status import StatusCode
 from etcdproxy.pb.healthpb import health_pb2
+from etcdproxy.services.catalog import unmarshal_error
 
 CHECK_PATH = b"/grpc.health.v1.Health/Check"
 WATCH_PATH = b"/grpc.health.v1.Health/Watch"
@@ -25,11 +26,8 @@ _ANSWERS = {status: _Status(status=status).SerializeToString()
 
 
 def _service(message):
-    """The service a request asks about, or None for a malformed request."""
-    try:
-        return health_pb2.HealthCheckRequest.FromString(message).service
-    except DecodeError:
-        return None
+    """The service a request asks about; raises DecodeError."""
+    return health_pb2.HealthCheckRequest.FromString(message).service
 
 
 @implementer(ICallHandler)
@@ -47,9 +45,6 @@ class _HealthCall:
             return _Status.SERVING
         return _Status.NOT_SERVING
 
-    def refuse_malformed(self):
-        self.call.finish(StatusCode.INTERNAL, "grpc: error unmarshalling request")
-
     def half_closed(self):
         pass
 
@@ -61,16 +56,22 @@ class _HealthCall:
 
 
 class HealthCheckCall(_HealthCall):
-    _request = b""
+    _request = None
 
     def request_received(self, message):
         self._request = message
 
     def half_closed(self):
-        service = _service(self._request)
-        if service is None:
-            self.refuse_malformed()
-        elif service:
+        # What etcd (grpc-go) answers for no request, or a malformed one.
+        if self._request is None:
+            self.call.finish(StatusCode.UNKNOWN, "EOF")
+            return
+        try:
+            service = _service(self._request)
+        except DecodeError as e:
+            self.call.finish(StatusCode.INTERNAL, unmarshal_error(CHECK_PATH, e))
+            return
+        if service:
             self.call.finish(StatusCode.NOT_FOUND, "unknown service")
         else:
             self.call.send_message(_ANSWERS[self.status()])
@@ -84,16 +85,22 @@ class HealthWatchCall(_HealthCall):
     def request_received(self, message):
         if self._sent is not None:
             return  # one request per call
-        service = _service(message)
-        if service is None:
-            self.refuse_malformed()
-        elif service:
+        try:
+            service = _service(message)
+        except DecodeError as e:
+            self.call.finish(StatusCode.INTERNAL, unmarshal_error(WATCH_PATH, e))
+            return
+        if service:
             self._send(_Status.SERVICE_UNKNOWN)  # and nothing more: no one sets it
         else:
             self._watching = True
             self._send(self.status())
             self.monitor.observe_health(self._changed)
             self.call.when_ended(lambda: self.monitor.ignore_health(self._changed))
+
+    def half_closed(self):
+        if self._sent is None:
+            self.call.finish(StatusCode.UNKNOWN, "EOF")  # no request, as etcd answers
 
     def _changed(self, healthy):
         self._send(self.status())

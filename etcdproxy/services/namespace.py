@@ -19,6 +19,7 @@ from etcdproxy.grpc.status import StatusCode
 from etcdproxy.pb.etcdserverpb import rpc_pb2
 from etcdproxy.pb.v3electionpb import v3election_pb2 as election_pb2
 from etcdproxy.pb.v3lockpb import v3lock_pb2 as lock_pb2
+from etcdproxy.services.catalog import unmarshal_error
 from etcdproxy.services.keys import prefix_end
 from etcdproxy.services.wrapper import WrappedCall
 
@@ -76,8 +77,9 @@ class Namespace:
         request.name = self.prefix + request.name
 
     def _leader_key(self, request):  # Proclaim, Resign
-        request.leader.name = self.prefix + request.leader.name
-        request.leader.key = self.prefix + request.leader.key
+        if request.HasField("leader"):  # else etcd refuses it as it is
+            request.leader.name = self.prefix + request.leader.name
+            request.leader.key = self.prefix + request.leader.key
 
     def _unlock(self, request):
         request.key = self.prefix + request.key
@@ -118,8 +120,9 @@ class Namespace:
         response.keys[:] = [self._stripped(k) for k in response.keys]
 
     def _campaign_response(self, response):
-        response.leader.name = self._stripped(response.leader.name)
-        response.leader.key = self._stripped(response.leader.key)
+        if response.HasField("leader"):
+            response.leader.name = self._stripped(response.leader.name)
+            response.leader.key = self._stripped(response.leader.key)
 
     def _leader_response(self, response):  # Leader, Observe
         if response.HasField("kv"):
@@ -191,7 +194,13 @@ class _RewritingCall:
         self._rewrite = rewrite
 
     def send_message(self, message):
-        self._call.send_message(self._rewrite(message))
+        try:
+            message = self._rewrite(message)
+        except DecodeError as e:
+            # Never sent as it is (its keys carry the prefix); the call ends.
+            self._call.abandon(StatusCode.INTERNAL, f"etcdgrpcproxy: etcd's answer did not decode: {e}")
+            return
+        self._call.send_message(message)
 
     def __getattr__(self, name):
         return getattr(self._call, name)
@@ -213,8 +222,12 @@ class NamespacedCall(WrappedCall):
         if self._request is not None:
             try:
                 message = self._request(message)
-            except DecodeError:
-                pass  # passed on as it is: etcd (or the handler) refuses it
+            except DecodeError as e:
+                # Never passed on as it is: etcd may read what protobuf here
+                # does not (e.g. a Txn nested deeper than its recursion limit),
+                # keys outside the namespace included.
+                self.refuse(StatusCode.INTERNAL, unmarshal_error(self.call.method, e))
+                return
             except EmptyKey:
                 self.refuse(StatusCode.INVALID_ARGUMENT, EMPTY_KEY)
                 return

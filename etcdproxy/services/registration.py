@@ -12,6 +12,7 @@ its entry goes at once; a proxy that dies leaves it for at most the TTL.
 import json
 import socket
 
+from google.protobuf.message import DecodeError
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
@@ -136,8 +137,13 @@ class Registration(service.Service):
         """The addresses of the proxies registered under the prefix, this one's
         when none is (yet): a Deferred list of strings."""
         prefix = (self.prefix + "/").encode()
-        answer = yield self._call(RANGE, rpc_pb2.RangeRequest(key=prefix, range_end=prefix_end(prefix)),
-                                  rpc_pb2.RangeResponse)
+        try:
+            answer = yield self._call(RANGE, rpc_pb2.RangeRequest(key=prefix, range_end=prefix_end(prefix)),
+                                      rpc_pb2.RangeResponse)
+        except (GRPCError, DecodeError) as e:
+            self._log.warn("registered proxies could not be read ({error}): answering this one",
+                           error=getattr(e, "message", e))
+            return [self.address]
         urls = []
         for kv in answer.kvs:
             try:

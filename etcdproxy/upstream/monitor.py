@@ -137,7 +137,7 @@ class EndpointMonitor(service.Service):
         self.members = [self._new_member(endpoint) for endpoint in endpoints]
         self.policy = make_policy(policy, {m: m.endpoint.weight for m in self.members}, self._rng)
         self._pool = list(self.members)  # the healthy members, in --endpoints order
-        self._health_observers = []
+        self._health_observers = set()
         self.failovers = 0  # times a member left the pool
 
     def _new_member(self, endpoint):
@@ -223,11 +223,10 @@ class EndpointMonitor(service.Service):
     def observe_health(self, observer):
         """Calls ``observer(healthy)`` each time `healthy` changes, until
         `ignore_health` is called with it."""
-        self._health_observers.append(observer)
+        self._health_observers.add(observer)
 
     def ignore_health(self, observer):
-        if observer in self._health_observers:
-            self._health_observers.remove(observer)
+        self._health_observers.discard(observer)
 
     def _update_pool(self):
         was_healthy = self.healthy
