@@ -8,26 +8,19 @@ import signal
 import grpc
 
 from tests.support.etcd import EtcdCluster
-from tests.support.grpcio import HEALTH, Stream, Stubs, rpc_error
+from tests.support.grpcio import HEALTH, GrpcioTestCase, Stream, Stubs, rpc_error
 from tests.support.proxy import ProxyProcess
-from tests.support.targets import ClassFixtureTestCase, EtcdProxyTestCase
+from tests.support.targets import ClassFixtureTestCase
 
 SERVING = HEALTH.HealthCheckResponse.SERVING
 NOT_SERVING = HEALTH.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = HEALTH.HealthCheckResponse.SERVICE_UNKNOWN
 
 
-class HealthAnswersTests(EtcdProxyTestCase):
+class HealthAnswersTests(GrpcioTestCase):
     """The same answers as etcd's."""
 
     kind = "python"
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.p, cls.d = Stubs(cls.proxied), Stubs(cls.direct)
-        cls.addClassCleanup(cls.p.close)
-        cls.addClassCleanup(cls.d.close)
 
     def test_check(self):
         request = HEALTH.HealthCheckRequest()

@@ -10,7 +10,7 @@ from twisted.trial import unittest
 
 from etcdproxy.services.catalog import is_newer_etcd_method
 from tests.support.etcd import etcd35_binary
-from tests.support.grpcio import Stubs, rpc_error
+from tests.support.grpcio import GrpcioTestCase, Stubs, rpc_error
 from tests.support.targets import EtcdProxyTestCase
 from tests.test_operations import get, samples
 
@@ -24,16 +24,9 @@ def raw_call(stubs, path, request):
     return rpc_error(stubs.channel.unary_unary(path), request, timeout=5)
 
 
-class NewerEtcdMethodsTests(EtcdProxyTestCase):
+class NewerEtcdMethodsTests(GrpcioTestCase):
     kind = "python"
     etcd_binary = etcd35_binary()
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.p, cls.d = Stubs(cls.proxied), Stubs(cls.direct)
-        cls.addClassCleanup(cls.p.close)
-        cls.addClassCleanup(cls.d.close)
 
     def test_downgrade_gets_etcds_answer(self):
         direct = raw_call(self.d, DOWNGRADE, BAD_DOWNGRADE)
