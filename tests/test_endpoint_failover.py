@@ -362,8 +362,16 @@ class EndpointFailoverTests(ClusterTestCase):
             self.addCleanup(relay.stop)
         proxy = self.proxy(endpoints=[relay.address for relay in relays])
         resets = []
-        self.check_watches_survive(lambda used: resets.append(sum(relay.reset_all() for relay in relays)),
-                                   "upstream connection reset", proxy=proxy, at=(100, 150, 200),
+
+        def reset(used):
+            # Once the proxy is connected again (after the previous reset it
+            # reconnects after its probe backoff, which 50 puts may not outlast).
+            deadline = time.monotonic() + 10
+            while not any(relay.connections for relay in relays) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            resets.append(sum(relay.reset_all() for relay in relays))
+
+        self.check_watches_survive(reset, "upstream connection reset", proxy=proxy, at=(100, 150, 200),
                                    moves=False)
         self.assertTrue(all(resets), resets)
 

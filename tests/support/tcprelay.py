@@ -74,6 +74,12 @@ class TCPRelay:
             except OSError:
                 pass
 
+    @property
+    def connections(self):
+        """How many connections it relays now."""
+        with self._lock:
+            return len(self._pairs)
+
     def reset_all(self):
         """Resets every relayed connection, both ways; returns how many."""
         with self._lock:
