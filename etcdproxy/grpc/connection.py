@@ -33,7 +33,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from etcdproxy.grpc.h2connection import BoundedH2Connection, StreamRefused, pending_frame_length
+from etcdproxy.grpc.h2connection import StreamRefused
+from etcdproxy.grpc.h2fast import FastH2Connection
 
 
 _MAX_INT31 = 2**31 - 1
@@ -52,6 +53,37 @@ def _only_ping_acks(data):
         if data[i + 3] != 0x6 or not data[i + 4] & 0x1 or data[i + 2] != 8:
             return False
     return True
+
+
+def new_h2_connection(client_side, limits, connection_class=FastH2Connection):
+    """The h2 state machine of one connection, configured and started (its
+    preface and SETTINGS are in ``data_to_send()``)."""
+    # h2's header checks cost about a quarter of a call, so they are off: the
+    # server checks the request headers it acts on itself (method, path,
+    # content-type, grpc-timeout, grpc-encoding), and metadata it relays that
+    # etcd finds malformed gets etcd's own refusal.
+    config = H2Configuration(
+        client_side=client_side,
+        header_encoding=None,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+        validate_inbound_headers=False,
+        normalize_inbound_headers=False,
+    )
+    conn = connection_class(config, limits.max_header_list_size)
+    conn.local_settings = type(conn.local_settings)(
+        client=client_side,
+        initial_values={
+            SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+            SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
+            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+            SettingCodes.ENABLE_PUSH: 0,
+        },
+    )
+    conn.initiate_connection()
+    if limits.connection_window > 65535:
+        conn.increment_flow_control_window(limits.connection_window - 65535)
+    return conn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,32 +205,7 @@ class H2Protocol(Protocol):
             tcp = tcp.transport  # under TLS
         if hasattr(tcp, "setTcpNoDelay"):
             tcp.setTcpNoDelay(True)
-        # h2's header checks cost about a quarter of a call, so they are off: the
-        # server checks the request headers it acts on itself (method, path,
-        # content-type, grpc-timeout, grpc-encoding), and metadata it relays that
-        # etcd finds malformed gets etcd's own refusal.
-        config = H2Configuration(
-            client_side=self.client_side,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-            validate_inbound_headers=False,
-            normalize_inbound_headers=False,
-        )
-        limits = self.limits
-        self.conn = BoundedH2Connection(config, limits.max_header_list_size)
-        self.conn.local_settings = type(self.conn.local_settings)(
-            client=self.client_side,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-                SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
-                SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
-                SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
-        self.conn.initiate_connection()
-        if limits.connection_window > 65535:
-            self.conn.increment_flow_control_window(limits.connection_window - 65535)
+        self.conn = new_h2_connection(self.client_side, self.limits)
         self.transport.registerProducer(self, True)
         self.transport.write(self.conn.data_to_send())
 
@@ -220,7 +227,7 @@ class H2Protocol(Protocol):
             self._replenish_connection_window()
             # h2 checks a frame's declared length only once the whole frame is in,
             # so a peer could make it buffer 16 MiB: check the pending header now.
-            if pending_frame_length(self.conn) > self.conn.max_inbound_frame_size:
+            if self.conn.pending_frame_length() > self.conn.max_inbound_frame_size:
                 self.end_connection(ErrorCodes.FRAME_SIZE_ERROR, b"frame too large")
                 return
         finally:

@@ -197,14 +197,3 @@ class BoundedH2Connection(H2Connection):
         return count
 
 
-def pending_frame_length(conn):
-    """The declared length of the incomplete frame h2 holds, or 0.
-
-    Complete frames have been consumed, so the buffer starts with a frame header
-    (h2 4.1 names the buffer ``data``, 4.3+ ``_data``).
-    """
-    buffer = conn.incoming_buffer
-    pending = getattr(buffer, "_data", None) or getattr(buffer, "data", b"")
-    if len(pending) < 9:
-        return 0
-    return int.from_bytes(pending[:3], "big")

@@ -1,0 +1,339 @@
+"""A fast path through h2 for the frames that make up gRPC traffic.
+
+h2 spends most of a gRPC call on generic per-frame machinery, not on HTTP/2
+itself: hyperframe builds a Frame, a Flags set and padding/priority state for
+every frame it parses or writes, h2's frame buffer re-slices its whole buffer per
+frame, and every frame goes through several layers of calls and (no-op) logs.
+`FastH2Connection` keeps h2 as the engine of record and takes the common frames
+a shorter way, on h2's own objects, so that its state is h2's at every moment:
+
+- receiving: whole frames are cut out of the read with plain byte arithmetic.
+  DATA (unpadded), HEADERS (a whole header block: END_HEADERS, no padding or
+  priority) and WINDOW_UPDATE go as lean frame records to h2's own handlers
+  for them (`_receive_data_frame` and so on, through h2's dispatch and error
+  handling), so every state transition, window, event and error is h2's. Every
+  other frame (the preface, SETTINGS, PING, RST_STREAM, GOAWAY, PRIORITY,
+  CONTINUATION, unknown types) and every frame that would be an error in
+  hyperframe's parsing (stream 0, a bad increment, a frame over the size limit)
+  is fed to h2's ``receive_data`` unchanged, in order.
+- sending: DATA and HEADERS on streams in the states where h2 would send them
+  without an event or an error are framed here (a 9-byte header and the
+  payload, the header block from h2's own encoder) straight into h2's output
+  buffer, with h2's windows and stream state machine updated as h2 does;
+  anything else (padding, priority, an informational response, a window or
+  frame size exceeded, a closed stream, header validation on) goes to h2.
+
+`tests/test_h2_fast_path.py` proves the two equivalent: the same frame
+sequences, valid and hostile, fed to plain h2 and to this, give the same
+events, bytes, errors and state. The fast path is used only on the h2 releases
+it was tested with (`supported()`), and only where h2's internals are what it
+was written against; a test fails if it turns itself off.
+"""
+
+import os
+import struct
+
+import h2
+from hyperframe.exceptions import InvalidDataError, InvalidFrameError
+from hyperframe.frame import Frame
+from h2.config import H2Configuration
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+from h2.exceptions import ProtocolError
+from h2.stream import StreamInputs, StreamState, _transitions as _stream_transitions
+from h2.utilities import authority_from_headers, extract_method_header, is_informational_response
+
+from etcdproxy.grpc.h2connection import BoundedH2Connection, _RECEIVE_FRAME_AS_EXPECTED
+
+# The h2 releases the fast path was proven equivalent on (Debian bookworm's 4.1
+# up to the newest 4.x); requirements.txt pins h2 to them.
+TESTED_H2 = ("4.1.", "4.2.", "4.3.", "4.4.")
+
+# Off (plain h2 for every frame) with ETCDPROXY_H2_FAST_PATH=0, to compare the two
+# (bench/h2_layer.py --plain, the differential tests).
+FAST_PATH_ENABLED = os.environ.get("ETCDPROXY_H2_FAST_PATH", "1") != "0"
+
+_HEADER = struct.Struct(">HBBBL")  # length (16 high bits), length (8 low bits), type, flags, stream id
+_DATA, _HEADERS, _WINDOW_UPDATE = 0x0, 0x1, 0x8
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+_MAX_WINDOW = 2**31 - 1
+
+
+def _quiet_connection_states():
+    """The connection states in which h2 sends HEADERS and DATA without a
+    transition or an event (its connection state machine changes nothing)."""
+    table = H2ConnectionStateMachine._transitions
+    return tuple(state for state in ConnectionState
+                 if table.get((state, ConnectionInputs.SEND_DATA)) == (None, state)
+                 and table.get((state, ConnectionInputs.SEND_HEADERS)) == (None, state))
+
+
+_QUIET_CONNECTION_STATES = _quiet_connection_states()
+
+
+def _h2_internals_as_expected():
+    """Whether the h2 internals the fast path relies on are those it was written
+    against: the state transitions it skips, and the names it uses."""
+    S, I = StreamState, StreamInputs
+    for key, target in (((S.OPEN, I.SEND_DATA), S.OPEN),
+                        ((S.HALF_CLOSED_REMOTE, I.SEND_DATA), S.HALF_CLOSED_REMOTE)):
+        if _stream_transitions.get(key) != (None, target):
+            return False
+    if len(_QUIET_CONNECTION_STATES) != 2:  # h2 4.x: CLIENT_OPEN and SERVER_OPEN
+        return False
+    probe = BoundedH2Connection(H2Configuration(client_side=True), 16384)
+    buffer = probe.incoming_buffer
+    return (isinstance(getattr(probe, "_frame_dispatch_table", None), dict)
+            and isinstance(getattr(probe, "_data_to_send", None), bytearray)
+            and all(hasattr(probe, name) for name in (
+                "_receive_data_frame", "_receive_headers_frame", "_receive_window_update_frame",
+                "_terminate_connection", "_get_or_create_stream", "open_outbound_streams"))
+            and all(hasattr(buffer, name) for name in ("_preamble_len", "_headers_buffer")))
+
+
+def supported():
+    """Whether the installed h2 is one the fast path runs on."""
+    return (h2.__version__.startswith(TESTED_H2) and _RECEIVE_FRAME_AS_EXPECTED
+            and _h2_internals_as_expected())
+
+
+_SUPPORTED = supported()
+
+
+def _acceptable_header(header, max_size):
+    """Whether h2 would wait for the rest of a frame with this header (rather
+    than refuse it now, or hold a frame over the size limit for the protocol's
+    check of the pending frame)."""
+    try:
+        _, length = Frame.parse_frame_header(header)
+    except (InvalidDataError, InvalidFrameError):
+        return False
+    return length <= max_size
+
+
+class _DataFrame:
+    """What h2's `_receive_data_frame` reads of an unpadded DATA frame."""
+
+    __slots__ = ("stream_id", "data", "flags", "flow_controlled_length")
+
+    def __init__(self, stream_id, data, flags):
+        self.stream_id = stream_id
+        self.data = data
+        self.flags = flags
+        self.flow_controlled_length = len(data)
+
+    def __repr__(self):
+        return f"DataFrame(stream_id={self.stream_id}, flags={sorted(self.flags)}, {len(self.data)} bytes)"
+
+
+class _HeadersFrame:
+    """What h2's `_receive_headers_frame` reads of a whole header block."""
+
+    __slots__ = ("stream_id", "data", "flags")
+
+    def __init__(self, stream_id, data, flags):
+        self.stream_id = stream_id
+        self.data = data
+        self.flags = flags
+
+    def __repr__(self):
+        return f"HeadersFrame(stream_id={self.stream_id}, flags={sorted(self.flags)}, {len(self.data)} bytes)"
+
+
+class _WindowUpdateFrame:
+    """What h2's `_receive_window_update_frame` reads."""
+
+    __slots__ = ("stream_id", "window_increment")
+
+    def __init__(self, stream_id, window_increment):
+        self.stream_id = stream_id
+        self.window_increment = window_increment
+
+    def __repr__(self):
+        return f"WindowUpdateFrame(stream_id={self.stream_id}, window_increment={self.window_increment})"
+
+
+# Flag names as hyperframe gives them, for the flag bytes the fast path takes.
+_DATA_FLAGS = {0: frozenset(), _END_STREAM: frozenset({"END_STREAM"})}
+_HEADERS_FLAGS = {_END_HEADERS: frozenset({"END_HEADERS"}),
+                  _END_HEADERS | _END_STREAM: frozenset({"END_HEADERS", "END_STREAM"})}
+
+
+class FastH2Connection(BoundedH2Connection):
+    """`BoundedH2Connection` with the fast path for DATA, HEADERS and WINDOW_UPDATE."""
+
+    def __init__(self, config, max_header_list_size):
+        super().__init__(config, max_header_list_size)
+        self._fast = FAST_PATH_ENABLED and _SUPPORTED
+        self._partial = b""  # the start of a frame not yet whole
+        if self._fast:
+            table = self._frame_dispatch_table
+            table[_DataFrame] = self._receive_data_frame
+            table[_HeadersFrame] = self._receive_headers_frame
+            table[_WindowUpdateFrame] = self._receive_window_update_frame
+
+    @property
+    def fast_path_active(self):
+        return self._fast
+
+    def pending_frame_length(self):
+        """The declared length of the incomplete frame held, or 0."""
+        pending = self._partial
+        if len(pending) >= 9:
+            return int.from_bytes(pending[:3], "big")
+        buffer = self.incoming_buffer
+        pending = getattr(buffer, "_data", None) or getattr(buffer, "data", b"")
+        if len(pending) < 9:
+            return 0
+        return int.from_bytes(pending[:3], "big")
+
+    # -- receiving --------------------------------------------------------------
+
+    def receive_data(self, data):
+        if not self._fast:
+            return super().receive_data(data)
+        events = []
+        buffer = self.incoming_buffer
+        if buffer._preamble_len:
+            # The client's connection preface, in h2's hands.
+            take = min(buffer._preamble_len, len(data))
+            events.extend(super().receive_data(data[:take]))
+            data = data[take:]
+        if self._partial:
+            data = self._partial + data
+            self._partial = b""
+        elif type(data) is not bytes:
+            data = bytes(data)
+        size = len(data)
+        position = 0
+        slow = None  # where the frames for h2 start, before ``position``
+        max_size = self.max_inbound_frame_size
+        try:
+            while size - position >= 9:
+                high, low, kind, flags, stream_id = _HEADER.unpack_from(data, position)
+                length = (high << 8) | low
+                if length > max_size:
+                    # h2 holds it and refuses it as h2 does; frames are no longer
+                    # cut here, since h2's buffer has the rest of this one.
+                    break
+                end = position + 9 + length
+                if end > size:
+                    break
+                frame = None
+                stream_id &= 0x7FFFFFFF
+                if kind == _DATA:
+                    names = _DATA_FLAGS.get(flags)
+                    if names is not None and stream_id:
+                        frame = _DataFrame(stream_id, data[position + 9:end], names)
+                elif kind == _HEADERS:
+                    names = _HEADERS_FLAGS.get(flags)
+                    if names is not None and stream_id:
+                        frame = _HeadersFrame(stream_id, data[position + 9:end], names)
+                elif kind == _WINDOW_UPDATE and length == 4:
+                    increment = int.from_bytes(data[position + 9:end], "big")
+                    if 1 <= increment <= _MAX_WINDOW:
+                        frame = _WindowUpdateFrame(stream_id, increment)
+                if frame is not None and slow is not None:
+                    # h2 takes the frames before this one first.
+                    events.extend(super().receive_data(data[slow:position]))
+                    slow = None
+                if frame is None or buffer._headers_buffer:
+                    # For h2 (inside a header block, any frame but CONTINUATION is h2's error).
+                    if slow is None:
+                        slow = position
+                    position = end
+                    continue
+                position = end
+                try:
+                    events.extend(self._receive_frame(frame))
+                except ProtocolError as e:
+                    self._terminate_connection(e.error_code)  # as h2's receive_data does
+                    raise
+            if slow is not None:
+                events.extend(super().receive_data(data[slow:position]))
+                slow = None
+        except BaseException:
+            # h2 has what it had not parsed of its frames; the rest goes after it,
+            # and from now on everything goes through h2, as without the fast path.
+            self._fast = False
+            buffer.add_data(data[position:])
+            raise
+        if position < size:
+            if size - position >= 9 and not _acceptable_header(data[position:position + 9], max_size):
+                # h2 refuses a frame header as soon as it is in (a frame type on the
+                # wrong stream); it is h2's to refuse, and h2's buffer is no longer
+                # frame-aligned with this one's, so h2 takes everything from now on.
+                self._fast = False
+                events.extend(super().receive_data(data[position:]))
+            else:
+                self._partial = data[position:]
+        return events
+
+    # -- sending ----------------------------------------------------------------
+
+    def send_data(self, stream_id, data, end_stream=False, pad_length=None):
+        stream = self.streams.get(stream_id)
+        size = len(data)
+        if (not self._fast or pad_length is not None or stream is None or type(data) is not bytes
+                or self.state_machine.state not in _QUIET_CONNECTION_STATES
+                or size > self.outbound_flow_control_window or size > stream.outbound_flow_control_window
+                or size > self.max_outbound_frame_size):
+            return super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
+        state = stream.state_machine.state
+        if state is not StreamState.OPEN and state is not StreamState.HALF_CLOSED_REMOTE:
+            return super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
+        # SEND_DATA leaves both state machines as they are in these states.
+        if end_stream:
+            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
+        out = self._data_to_send
+        out += _HEADER.pack(size >> 8, size & 0xFF, _DATA, _END_STREAM if end_stream else 0, stream_id)
+        out += data
+
+    def send_headers(self, stream_id, headers, end_stream=False, priority_weight=None,
+                     priority_depends_on=None, priority_exclusive=None):
+        config = self.config
+        if (not self._fast or priority_weight is not None or priority_depends_on is not None
+                or priority_exclusive is not None or type(headers) is not list
+                or config.validate_outbound_headers or config.normalize_outbound_headers
+                or self.state_machine.state not in _QUIET_CONNECTION_STATES):
+            return super().send_headers(stream_id, headers, end_stream, priority_weight,
+                                        priority_depends_on, priority_exclusive)
+        if not headers:
+            return super().send_headers(stream_id, headers, end_stream)  # h2 fails on an empty block
+        for header in headers:
+            if type(header) is not tuple or type(header[0]) is not bytes or type(header[1]) is not bytes:
+                return super().send_headers(stream_id, headers, end_stream)
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if self.open_outbound_streams + 1 > self.remote_settings.max_concurrent_streams:
+                return super().send_headers(stream_id, headers, end_stream)  # h2's refusal
+            # h2's connection state machine does nothing here; h2 then opens the stream.
+            stream = self._get_or_create_stream(stream_id, AllowedStreamIDs(self.config.client_side))
+        # h2's H2Stream.send_headers, less the header validation (off) and its no-op log.
+        machine = stream.state_machine
+        if not machine.client and is_informational_response(headers):
+            return super().send_headers(stream_id, headers, end_stream)
+        machine.process_input(StreamInputs.SEND_HEADERS)
+        block = self.encoder.encode(headers)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
+        if machine.trailers_sent and not end_stream:
+            raise ProtocolError("Trailers must have END_STREAM set.")
+        if machine.client and stream._authority is None:
+            stream._authority = authority_from_headers(headers)
+        stream.request_method = extract_method_header(headers)
+        out = self._data_to_send
+        limit = stream.max_outbound_frame_size
+        first = _END_STREAM if end_stream else 0
+        if len(block) <= limit:
+            size = len(block)
+            out += _HEADER.pack(size >> 8, size & 0xFF, _HEADERS, first | _END_HEADERS, stream_id)
+            out += block
+            return
+        pieces = [block[i:i + limit] for i in range(0, len(block), limit)]
+        for index, piece in enumerate(pieces):
+            kind = _HEADERS if index == 0 else 0x9  # CONTINUATION
+            flags = (first if index == 0 else 0) | (_END_HEADERS if index == len(pieces) - 1 else 0)
+            out += _HEADER.pack(len(piece) >> 8, len(piece) & 0xFF, kind, flags, stream_id)
+            out += piece
