@@ -12,7 +12,7 @@ setup(
     package_data={"twisted": ["plugins/etcdgrpcproxy.py"]},
     install_requires=[
         "twisted[tls]>=22.4",  # pyOpenSSL, service-identity, idna
-        "h2>=4.1",
+        "h2>=4.1,<4.5",  # the releases the HTTP/2 fast path is proven on (etcdproxy/grpc/h2fast.py)
         "protobuf>=4.21",
         "zope.interface",
         "service-identity",
