@@ -34,7 +34,7 @@ from twisted.internet.testing import StringTransport  # noqa: E402
 from zope.interface import implementer  # noqa: E402
 
 from etcdproxy.grpc import h2fast  # noqa: E402
-from etcdproxy.grpc.client import Channel, GRPCClientProtocol, IClientCallListener  # noqa: E402
+from etcdproxy.grpc.client import Channel, IClientCallListener  # noqa: E402
 from etcdproxy.grpc.connection import Limits  # noqa: E402
 from etcdproxy.grpc.framing import encode_message  # noqa: E402
 from etcdproxy.grpc.server import GRPCServerFactory, ICallHandler  # noqa: E402

@@ -97,7 +97,8 @@ def frames(draw):
     if kind == "rst":
         return frame(RST_STREAM, 0, sid, struct.pack(">I", draw(st.sampled_from([0, 2, 8]))))
     if kind == "ping":
-        return frame(PING, draw(st.sampled_from([0, 1])), draw(st.sampled_from([0, 0, 1])), b"12345678")
+        return frame(PING, draw(st.sampled_from([0, 1, 0x81])), draw(st.sampled_from([0, 0, 1])),
+                     draw(st.sampled_from([b"12345678", b"12345678", b"1234", b"123456789"])))
     if kind == "settings":
         pairs = draw(st.sampled_from([[], [(4, 1024)], [(4, 2**20)], [(5, 32768)], [(3, 2)], [(4, 2**31)]]))
         ack = draw(st.sampled_from([0, 0, 1]))
@@ -231,7 +232,7 @@ class Counting:
     def __init__(self, conn):
         self.count = 0
         table = conn._frame_dispatch_table
-        for kind in (h2fast._DataFrame, h2fast._HeadersFrame, h2fast._WindowUpdateFrame):
+        for kind in (h2fast._DataFrame, h2fast._HeadersFrame, h2fast._WindowUpdateFrame, h2fast._PingFrame):
             table[kind] = self._wrap(table[kind])
 
     def _wrap(self, handler):

@@ -1,9 +1,13 @@
 """What gRPC's server and client sides share on one HTTP/2 connection.
 
-`H2Protocol` drives an h2 state machine on a Twisted transport, writes once per
-batch of work, replenishes the connection-level window at once (so one paused
-stream never stalls the others, see `etcdproxy.grpc.stream`), and ends a
-connection whose peer floods it with frames that cost work without being calls.
+`H2Protocol` drives an h2 state machine (`new_h2_connection`, with the fast
+path of `etcdproxy.grpc.h2fast`) on a Twisted transport and dispatches its
+events to the streams; it replenishes the connection-level window at once (so
+one paused stream never stalls the others, see `etcdproxy.grpc.stream`). Its
+other jobs each have a module: writing once per batch of work
+(`etcdproxy.grpc.writebatch`), counting floods (`etcdproxy.grpc.floodguard`),
+holding PING ACKs for the next write (`etcdproxy.grpc.pingacks`) and timing
+streams the peer does not read (`etcdproxy.grpc.stalls`).
 """
 
 import dataclasses
@@ -33,27 +37,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from etcdproxy.grpc.floodguard import FloodGuard
 from etcdproxy.grpc.h2connection import StreamRefused
 from etcdproxy.grpc.h2fast import FastH2Connection
+from etcdproxy.grpc.pingacks import HeldAcks, only_ping_acks
+from etcdproxy.grpc.stalls import StallWatch
+from etcdproxy.grpc.writebatch import WriteBatch
 
 
 _MAX_INT31 = 2**31 - 1
 END_GRACE = 5.0  # seconds a connection the proxy ended has to take its GOAWAY
-
-# How long PING ACKs may wait for other output to go with (H2Protocol._write_out): longer than most
-# calls take, so that the answer to the next call carries them.
-CONTROL_DELAY = 0.05
-
-
-def _only_ping_acks(data):
-    """Whether ``data`` (whole HTTP/2 frames) is nothing but PING ACKs."""
-    if len(data) % 17:  # a PING frame: 9-byte header, 8 bytes of payload
-        return False
-    for i in range(0, len(data), 17):
-        if data[i + 3] != 0x6 or not data[i + 4] & 0x1 or data[i + 2] != 8:
-            return False
-    return True
-
 
 def new_h2_connection(client_side, limits, connection_class=FastH2Connection):
     """The h2 state machine of one connection, configured and started (its
@@ -110,67 +103,6 @@ class Limits:
     send_stall_timeout: float = 0
 
 
-class _RateGuard:
-    """Counts events in one-second windows."""
-
-    __slots__ = ("limit", "window", "count")
-
-    def __init__(self, limit):
-        self.limit = limit
-        self.window = None
-        self.count = 0
-
-    def exceeded(self, now):
-        if self.window is None or now - self.window >= 1.0:
-            self.window = now
-            self.count = 0
-        self.count += 1
-        return self.count > self.limit
-
-
-class _WriteBatch:
-    """Connections with output pending, written once per reactor callback.
-
-    Work on one connection (a response arriving from etcd) queues output on
-    others (the client's); they are all written when the outermost dataReceived
-    returns, or on the next reactor turn when the work came from a timer.
-    """
-
-    _by_reactor = {}
-
-    @classmethod
-    def of(cls, reactor):
-        batch = cls._by_reactor.get(id(reactor))
-        if batch is None or batch.reactor is not reactor:
-            batch = cls._by_reactor[id(reactor)] = cls(reactor)
-        return batch
-
-    def __init__(self, reactor):
-        self.reactor = reactor
-        self.depth = 0
-        self.pending = []
-        self._call = None
-
-    def add(self, protocol):
-        self.pending.append(protocol)
-        if self.depth == 0 and self._call is None:
-            self._call = self.reactor.callLater(0, self.write_all)
-
-    def write_all(self):
-        self._call = None
-        pending = self.pending
-        while pending:
-            protocol = pending.pop()
-            try:
-                protocol._flush_now()
-            except Exception:
-                # A bug on one connection must not skip the others' writes nor
-                # surface in whichever connection's read is running.
-                protocol._log.failure("writing to {peer} failed; connection aborted",
-                                      peer=protocol.transport.getPeer())
-                protocol.transport.abortConnection()
-
-
 @implementer(IPushProducer)
 class H2Protocol(Protocol):
     """Shared HTTP/2 event loop. Subclasses handle the stream events."""
@@ -183,20 +115,14 @@ class H2Protocol(Protocol):
         self.limits = limits
         self.streams = {}
         self._to_flush = set()
-        self._blocked = set()  # streams with data queued but no window to send it
-        self._stall_check = None
+        self._stalls = StallWatch(reactor, limits.send_stall_timeout, self.stream_stalled)
         self._ending = None  # the abort timer, once end_connection() was called
-        self._batch = _WriteBatch.of(reactor)
+        self._batch = WriteBatch.of(reactor)
         self._in_batch = False
         self._lost = False
         self._transport_paused = False
-        self._held_output = []  # PING ACKs waiting for a write to go with (_write_out)
-        self._held_timer = None
-        self._guards = {
-            "RST_STREAM": _RateGuard(limits.max_resets_per_second),
-            "PING": _RateGuard(limits.max_pings_per_second),
-            "SETTINGS": _RateGuard(limits.max_settings_per_second),
-        }
+        self._held_acks = HeldAcks(reactor, self._release_held)
+        self._flood_guard = FloodGuard(limits)
 
     def connectionMade(self):
         # Small frames (headers, short messages) must not wait for Nagle's algorithm.
@@ -211,7 +137,7 @@ class H2Protocol(Protocol):
 
     def dataReceived(self, data):
         batch = self._batch
-        batch.depth += 1
+        batch.enter()
         self.schedule_flush(None)
         try:
             try:
@@ -231,9 +157,7 @@ class H2Protocol(Protocol):
                 self.end_connection(ErrorCodes.FRAME_SIZE_ERROR, b"frame too large")
                 return
         finally:
-            batch.depth -= 1
-            if batch.depth == 0:
-                batch.write_all()
+            batch.leave()
 
     def _replenish_connection_window(self):
         # From the window itself, whatever consumed it (h2 credits DATA on
@@ -271,11 +195,11 @@ class H2Protocol(Protocol):
 
     def _flooded(self, frame_type):
         """Counts a frame of the peer's; past the limit, ends the connection."""
-        if not self._guards[frame_type].exceeded(self.reactor.seconds()):
+        if not self._flood_guard.flooded(frame_type, self.reactor.seconds()):
             return False
         if self._ending is None and not self._lost:
             self._log.warn("{peer} sent over {limit} {frame} frames in a second: connection closed",
-                           peer=self.transport.getPeer(), limit=self._guards[frame_type].limit,
+                           peer=self.transport.getPeer(), limit=self._flood_guard.limit(frame_type),
                            frame=frame_type)
             self.end_connection(ErrorCodes.ENHANCE_YOUR_CALM, f"too many {frame_type} frames".encode())
         return True
@@ -298,31 +222,10 @@ class H2Protocol(Protocol):
 
     def stream_blocked(self, stream):
         """``stream`` has data queued that the peer's windows hold back."""
-        self._blocked.add(stream)
-        if stream.blocked_since is None:
-            stream.blocked_since = self.reactor.seconds()
-        if self.limits.send_stall_timeout and self._stall_check is None:
-            self._stall_check = self.reactor.callLater(self.limits.send_stall_timeout, self._check_stalls)
-
-    def _check_stalls(self):
-        self._stall_check = None
-        if self._lost:
-            return
-        now = self.reactor.seconds()
-        timeout = self.limits.send_stall_timeout
-        for stream in list(self._blocked):
-            if stream.blocked_since is not None and now - stream.blocked_since >= timeout:
-                stream.blocked_since = now  # the next call, if any, one timeout later
-                self.stream_stalled(stream)
-        waiting = [stream.blocked_since for stream in self._blocked if stream.blocked_since is not None]
-        if waiting:
-            self._stall_check = self.reactor.callLater(max(0.1, min(waiting) + timeout - now),
-                                                       self._check_stalls)
+        self._stalls.blocked(stream)
 
     def _unblock(self):
-        if self._blocked:
-            self._to_flush |= self._blocked
-            self._blocked = set()
+        self._to_flush |= self._stalls.take_blocked()
 
     _handlers = {
         DataReceived: _data_received,
@@ -364,37 +267,14 @@ class H2Protocol(Protocol):
 
     def _write_out(self, hold_acks=False):
         data = self.conn.data_to_send()
-        if hold_acks and data and _only_ping_acks(data):
-            # grpc-go pings after each DATA frame it receives while no ping
-            # of its is unanswered (its bandwidth estimator, with a
-            # WINDOW_UPDATE before each ping); answering at once costs a write
-            # of its own (a send and two epoll_ctl) per call. The ACKs ride
-            # along with the next write on this connection instead, or go
-            # after CONTROL_DELAY.
-            self._held_output.append(data)
-            if self._held_timer is None:
-                self._held_timer = self.reactor.callLater(CONTROL_DELAY, self._release_held)
+        if hold_acks and data and only_ping_acks(data):
+            self._held_acks.hold(data)  # until the next write, or CONTROL_DELAY
             return
-        if self._held_output:
-            if hold_acks:
-                # After the new frames: a grpc-go peer that reads a DATA frame
-                # while its ping is still unanswered sends no new ping (with
-                # the ACKs first, it pings again for that DATA frame).
-                self._held_output.insert(0, data)
-            else:
-                # Before: what is written now may end the connection (GOAWAY).
-                self._held_output.append(data)
-            data = b"".join(self._held_output)
-            self._held_output = []
-            if self._held_timer is not None:
-                if self._held_timer.active():
-                    self._held_timer.cancel()
-                self._held_timer = None
+        data = self._held_acks.with_output(data, after=hold_acks)
         if data:
             self.transport.write(data)
 
     def _release_held(self):
-        self._held_timer = None
         if not self._lost:
             self._write_out()
 
@@ -442,11 +322,10 @@ class H2Protocol(Protocol):
 
     def connectionLost(self, reason):
         self._lost = True
-        self._held_output = []
-        for timer in (self._stall_check, self._ending, self._held_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._stall_check = self._held_timer = None
+        self._held_acks.stop()
+        self._stalls.stop()
+        if self._ending is not None and self._ending.active():
+            self._ending.cancel()
         self._end_streams(reason)
 
     def _end_streams(self, reason):

@@ -53,7 +53,7 @@ TESTED_H2 = ("4.1.", "4.2.", "4.3.", "4.4.")
 FAST_PATH_ENABLED = os.environ.get("ETCDPROXY_H2_FAST_PATH", "1") != "0"
 
 _HEADER = struct.Struct(">HBBBL")  # length (16 high bits), length (8 low bits), type, flags, stream id
-_DATA, _HEADERS, _WINDOW_UPDATE = 0x0, 0x1, 0x8
+_DATA, _HEADERS, _PING, _WINDOW_UPDATE = 0x0, 0x1, 0x6, 0x8
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 _MAX_WINDOW = 2**31 - 1
 
@@ -152,8 +152,23 @@ class _WindowUpdateFrame:
         return f"WindowUpdateFrame(stream_id={self.stream_id}, window_increment={self.window_increment})"
 
 
+class _PingFrame:
+    """What h2's `_receive_ping_frame` reads (h2 answers it as ever)."""
+
+    __slots__ = ("stream_id", "flags", "opaque_data")
+
+    def __init__(self, flags, opaque_data):
+        self.stream_id = 0
+        self.flags = flags
+        self.opaque_data = opaque_data
+
+    def __repr__(self):
+        return f"PingFrame(flags={sorted(self.flags)}, opaque_data={self.opaque_data!r})"
+
+
 # Flag names as hyperframe gives them, for the flag bytes the fast path takes.
 _DATA_FLAGS = {0: frozenset(), _END_STREAM: frozenset({"END_STREAM"})}
+_PING_FLAGS = {0: frozenset(), 0x1: frozenset({"ACK"})}
 _HEADERS_FLAGS = {_END_HEADERS: frozenset({"END_HEADERS"}),
                   _END_HEADERS | _END_STREAM: frozenset({"END_HEADERS", "END_STREAM"})}
 
@@ -165,11 +180,16 @@ class FastH2Connection(BoundedH2Connection):
         super().__init__(config, max_header_list_size)
         self._fast = FAST_PATH_ENABLED and _SUPPORTED
         self._partial = b""  # the start of a frame not yet whole
+        # Header blocks are framed here only with h2's outbound header checks off
+        # (as the proxy configures it; the configuration is not changed later).
+        self._fast_headers = self._fast and not (config.validate_outbound_headers
+                                                 or config.normalize_outbound_headers)
         if self._fast:
             table = self._frame_dispatch_table
             table[_DataFrame] = self._receive_data_frame
             table[_HeadersFrame] = self._receive_headers_frame
             table[_WindowUpdateFrame] = self._receive_window_update_frame
+            table[_PingFrame] = self._receive_ping_frame
 
     @property
     def fast_path_active(self):
@@ -228,6 +248,10 @@ class FastH2Connection(BoundedH2Connection):
                     names = _HEADERS_FLAGS.get(flags)
                     if names is not None and stream_id:
                         frame = _HeadersFrame(stream_id, data[position + 9:end], names)
+                elif kind == _PING and length == 8 and not stream_id:
+                    names = _PING_FLAGS.get(flags)
+                    if names is not None:
+                        frame = _PingFrame(names, data[position + 9:end])
                 elif kind == _WINDOW_UPDATE and length == 4:
                     increment = int.from_bytes(data[position + 9:end], "big")
                     if 1 <= increment <= _MAX_WINDOW:
@@ -292,10 +316,8 @@ class FastH2Connection(BoundedH2Connection):
 
     def send_headers(self, stream_id, headers, end_stream=False, priority_weight=None,
                      priority_depends_on=None, priority_exclusive=None):
-        config = self.config
-        if (not self._fast or priority_weight is not None or priority_depends_on is not None
+        if (not self._fast_headers or priority_weight is not None or priority_depends_on is not None
                 or priority_exclusive is not None or type(headers) is not list
-                or config.validate_outbound_headers or config.normalize_outbound_headers
                 or self.state_machine.state not in _QUIET_CONNECTION_STATES):
             return super().send_headers(stream_id, headers, end_stream, priority_weight,
                                         priority_depends_on, priority_exclusive)

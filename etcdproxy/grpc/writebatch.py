@@ -1,0 +1,60 @@
+"""Writing each connection once per batch of work.
+
+Work on one connection (a response arriving from etcd) queues output on
+others (the client's); they are all written when the outermost dataReceived
+returns, or on the next reactor turn when the work came from a timer.
+"""
+
+from twisted.logger import Logger
+
+
+class WriteBatch:
+    """The connections with output pending on one reactor.
+
+    A connection joins with `add` and is written by its ``_flush_now()``;
+    `enter`/`leave` bracket a read, so that nothing is written before the
+    outermost read ends.
+    """
+
+    _by_reactor = {}
+    _log = Logger()
+
+    @classmethod
+    def of(cls, reactor):
+        batch = cls._by_reactor.get(id(reactor))
+        if batch is None or batch.reactor is not reactor:
+            batch = cls._by_reactor[id(reactor)] = cls(reactor)
+        return batch
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.depth = 0
+        self.pending = []
+        self._call = None
+
+    def enter(self):
+        self.depth += 1
+
+    def leave(self):
+        self.depth -= 1
+        if self.depth == 0:
+            self.write_all()
+
+    def add(self, protocol):
+        self.pending.append(protocol)
+        if self.depth == 0 and self._call is None:
+            self._call = self.reactor.callLater(0, self.write_all)
+
+    def write_all(self):
+        self._call = None
+        pending = self.pending
+        while pending:
+            protocol = pending.pop()
+            try:
+                protocol._flush_now()
+            except Exception:
+                # A bug on one connection must not skip the others' writes nor
+                # surface in whichever connection's read is running.
+                self._log.failure("writing to {peer} failed; connection aborted",
+                                  peer=protocol.transport.getPeer())
+                protocol.transport.abortConnection()
