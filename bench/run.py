@@ -87,6 +87,7 @@ QUICK = {
     "w6_watchers": 1000, "w6_clients": 1000, "w6_ttl": 3, "w6_interval": 1.0,
     "w6_duration": 1.5, "w6_gets": 2000,
     "w7": STALLED_FANOUT,
+    "w8": 10,
 }
 FULL = {
     "reps": 3,
@@ -99,9 +100,11 @@ FULL = {
     "w6_duration": 4.0, "w6_gets": 3000,
     "w7": STALLED_FANOUT,
 }
-ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7")
+# W8: a Kubernetes-sized LIST, one linearizable Range of this many keys of this size.
+LARGE_LIST = {"keys": 10000, "value_size": 500}
+ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8")
 # Quick mode leaves out W7 (about 5 min on its own) unless asked for.
-QUICK_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
+QUICK_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "W8")
 
 
 class BenchError(Exception):
@@ -747,6 +750,7 @@ class Suite(object):
         metrics = {
             "rps": res.get("rps"), "p50_ms": res.get("p50_ms"), "p99_ms": res.get("p99_ms"),
             "target_cpu_per_10k": d["target_cpu_s"] / total * 1e4,
+            "target_cpu_ms_per_req": d["target_cpu_s"] / total * 1e3,
             "target_cpu_pct": 100.0 * d["target_cpu_s"] / max(d["wall_s"], 1e-9),
             "etcd_cpu_per_10k": d["etcd_cpu_s"] / total * 1e4,
             "loadgen_cpu_per_10k": res["loadgen_cpu_s"] / total * 1e4,
@@ -782,6 +786,34 @@ class Suite(object):
 
     def w3(self):
         self._range("W3", self.mode["w3"], "l")
+
+    # -- W8: large answers ------------------------------------------------------
+
+    def _fill_large_list(self, prefix):
+        """LARGE_LIST keys under ``prefix``, put directly into etcd in Txns of 25 (one DATA frame each)."""
+        client = H2Client(self.etcd.endpoint)
+        try:
+            value = b"v" * LARGE_LIST["value_size"]
+            for start in range(0, LARGE_LIST["keys"], 25):
+                txn = rpc_pb2.TxnRequest(success=[
+                    rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=b"%s%06d" % (prefix, i), value=value))
+                    for i in range(start, min(start + 25, LARGE_LIST["keys"]))])
+                answer = client.call("/etcdserverpb.KV/Txn", grpc_frame(txn.SerializeToString()))
+                if answer.status is None or answer.status[0] != 0:
+                    raise BenchError("filling the large list failed: %r" % (answer,))
+        finally:
+            client.close()
+
+    def w8(self):
+        prefix = self.fresh_key("list").encode() + b"/"
+        self._fill_large_list(prefix)
+        end = prefix[:-1] + b"0"  # the prefix's range end
+        total = self.mode["w8"]
+        config = "%d keys x %d B, c=1" % (LARGE_LIST["keys"], LARGE_LIST["value_size"])
+        args = ["--clients", "1", "--conns", "1", "range", prefix.decode(), end.decode(),
+                "--consistency", "l", "--total", str(total)]
+        self.each_target("W8", config, lambda rep, t: self._benchmark_run("W8", config, rep, t, args, total,
+                                                                          ranges=True))
 
     # -- W4: watch fan-out ------------------------------------------------------
 
@@ -1153,6 +1185,13 @@ DISPLAY = {
         ("machine_busy_pct", "machine busy % (2 cores)", None),
         ("etcd_ranges_per_req", "etcd Range calls per client get", "low"),
         ("rps", "gets/s (one client)", "high")]),
+    "W8": ("W8 large answers: a linearizable Range of %(keys)d keys of %(value_size)d bytes (a 5 MB LIST), "
+           "one client, one after the other" % LARGE_LIST, [
+        ("p50_ms", "p50 ms per list", "low"), ("p99_ms", "p99 ms per list", "low"),
+        ("target_cpu_ms_per_req", "target CPU ms per list", "low"),
+        ("etcd_cpu_per_10k", "etcd CPU s /10k lists", None),
+        ("loadgen_cpu_per_10k", "load generator CPU s /10k lists", None),
+        ("machine_busy_pct", "machine busy % (2 cores)", None)]),
     "W7": ("W7 stalled client isolation (%(watchers)d watchers on one key, %(per_stream)d per stream, "
            "%(per_conn)d streams per connection, %(puts)d puts of %(value_size)d bytes; with / without one "
            "more client on the key that never reads)" % STALLED_FANOUT, [

@@ -491,6 +491,23 @@ class PureLogicTests(unittest.TestCase):
             self.assertGreaterEqual(parse_timeout(format_timeout(seconds)), seconds * 0.999999)
             self.assertLessEqual(len(format_timeout(seconds)), 9)
 
+    def test_decoder_any_cuts(self):
+        # Messages of every size, cut anywhere (a large one over many DATA
+        # frames, several in one): the same bodies, in order, nothing left over.
+        import random
+        rng = random.Random(7)
+        bodies = [bytes([i % 256]) * size for i, size in enumerate([0, 1, 4, 5, 300, 70000, 0, 16384, 2, 1 << 20])]
+        data = b"".join(encode_message(b) for b in bodies)
+        for _ in range(20):
+            decoder = MessageDecoder(max_size=2 << 20)
+            out, position = [], 0
+            while position < len(data):
+                step = rng.choice([1, 3, 5, 9, 100, 16384, 65536, 300000])
+                out += decoder.feed(data[position:position + step])
+                position += step
+            self.assertEqual(out, bodies)
+            self.assertFalse(decoder.has_partial_message)
+
     def test_decoder_split_and_limit(self):
         decoder = MessageDecoder(max_size=10)
         data = encode_message(b"hello") + encode_message(b"") + encode_message(b"world!")

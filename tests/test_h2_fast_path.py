@@ -189,7 +189,9 @@ def apply(conn, action):
             result = conn.send_headers(sid, list(SEND_HEADERS[name]), end_stream=end)
         elif kind == "send_data":
             _, sid, size, end = action
-            result = conn.send_data(sid, b"d" * size, end_stream=end)
+            payload = b"d" * size
+            # MessageStream sends large messages as views of them.
+            result = conn.send_data(sid, memoryview(payload) if size >= 16384 else payload, end_stream=end)
         elif kind == "end_stream":
             result = conn.end_stream(action[1])
         elif kind == "reset":

@@ -59,7 +59,11 @@ class MessageDecoder:
                 del buf[:PREFIX_SIZE]
             if len(buf) < self._needed:
                 break
-            body = bytes(buf[: self._needed])
+            # One copy of the body (a slice of a bytearray would be a second). The
+            # body is buffered in one bytearray, not kept as the DATA frames it came
+            # in: many large answers at once in 16 KiB pieces fragment the heap.
+            with memoryview(buf) as view:
+                body = bytes(view[: self._needed])
             del buf[: self._needed]
             self._needed = None
             if self._compressed:

@@ -297,7 +297,8 @@ class FastH2Connection(BoundedH2Connection):
     def send_data(self, stream_id, data, end_stream=False, pad_length=None):
         stream = self.streams.get(stream_id)
         size = len(data)
-        if (not self._fast or pad_length is not None or stream is None or type(data) is not bytes
+        if (not self._fast or pad_length is not None or stream is None
+                or (type(data) is not bytes and type(data) is not memoryview)
                 or self.state_machine.state not in _QUIET_CONNECTION_STATES
                 or size > self.outbound_flow_control_window or size > stream.outbound_flow_control_window
                 or size > self.max_outbound_frame_size):

@@ -98,6 +98,10 @@ class MessageStream:
             frame_size = conn.max_outbound_frame_size
             data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
             n = min(window, len(data))
+            if n > frame_size:
+                # A large message goes out in views of it, not copies, and what
+                # the window holds back stays a view (copied once, into h2's buffer).
+                data = memoryview(data)
             self.blocked_since = None
             last = n == len(data) and self._end_stream
             for start in range(0, n, frame_size):
