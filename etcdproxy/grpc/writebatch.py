@@ -1,8 +1,8 @@
 """Writing each connection once per batch of work.
 
 Work on one connection (a response arriving from etcd) queues output on
-others (the client's); they are all written when the outermost dataReceived
-returns, or on the next reactor turn when the work came from a timer.
+others (the client's); they are all written at the start of the next reactor
+turn, after every read of this one.
 """
 
 from twisted.logger import Logger
@@ -12,8 +12,7 @@ class WriteBatch:
     """The connections with output pending on one reactor.
 
     A connection joins with `add` and is written by its ``_flush_now()``;
-    `enter`/`leave` bracket a read, so that nothing is written before the
-    outermost read ends.
+    `enter`/`leave` bracket a read.
     """
 
     _by_reactor = {}
@@ -36,9 +35,13 @@ class WriteBatch:
         self.depth += 1
 
     def leave(self):
+        # Not written yet: the reactor may have more reads ready from this same
+        # poll (64 clients' requests for one upstream connection). Everything
+        # is written once they are all handled, at the start of the next
+        # reactor turn: one write per connection per turn, not one per read.
         self.depth -= 1
-        if self.depth == 0:
-            self.write_all()
+        if self.depth == 0 and self.pending and self._call is None:
+            self._call = self.reactor.callLater(0, self.write_all)
 
     def add(self, protocol):
         self.pending.append(protocol)
