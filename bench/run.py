@@ -99,6 +99,7 @@ FULL = {
     "w6_watchers": 1000, "w6_clients": 1000, "w6_ttl": 6, "w6_interval": 2.0,
     "w6_duration": 4.0, "w6_gets": 3000,
     "w7": STALLED_FANOUT,
+    "w8": 20,
 }
 # W8: a Kubernetes-sized LIST, one linearizable Range of this many keys of this size.
 LARGE_LIST = {"keys": 10000, "value_size": 500}

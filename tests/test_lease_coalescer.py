@@ -106,7 +106,11 @@ class KeepAliveLoad:
             call.cancel()
             raise
         except Exception as e:  # recorded, checked by the test
-            self.errors.append(e)
+            try:  # the status the call ended with, if it ended
+                ended = (await asyncio.wait_for(call.code(), 1), await asyncio.wait_for(call.details(), 1))
+            except Exception:
+                ended = None
+            self.errors.append((e, ended))
             self.ready.set()
 
 
@@ -184,7 +188,7 @@ class LeaseCoalescerTests(ClassFixtureTestCase):
         load.stop()
         elapsed = time.monotonic() - started
         seen = self.delta(before)
-        self.assertEqual(load.errors, [])
+        self.assertEqual(load.errors, [], proxy.log()[-5000:])
         answers = [a for client in load.answers for a in client]
         self.assertTrue(all(lid == lease and ttl * 2 // 3 <= t <= ttl
                             for lease, client in zip(leases, load.answers) for lid, t in client),
