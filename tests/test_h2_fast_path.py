@@ -366,3 +366,55 @@ class FastPathOnTests(unittest.TestCase):
                 wires.append(conn.data_to_send())
             self.assertEqual(wires[0], wires[1])
             self.assertEqual(decoder.decode(wires[1][9:], raw=True), headers)
+
+
+class MisuseTests(unittest.TestCase):
+    """Inputs the proxy never gives, found by review: plain h2's outcome still."""
+
+    def check(self, plain, fast, sequence):
+        DifferentialTests.check(self, plain, fast, sequence)
+
+    def test_local_max_frame_size_change_within_a_read(self):
+        for size in (32768, 16384):
+            plain, fast = pair(False)
+            for conn in (plain, fast):
+                if size == 16384:  # down again: first up, acknowledged
+                    conn.update_settings({h2fast.SettingCodes.MAX_FRAME_SIZE: 32768})
+                    conn.receive_data(PREFACE + frame(SETTINGS, 0, 0) + frame(SETTINGS, 1, 0))
+                else:
+                    conn.receive_data(PREFACE + frame(SETTINGS, 0, 0))
+                conn.update_settings({h2fast.SettingCodes.MAX_FRAME_SIZE: size})
+                conn.data_to_send()
+            read = frame(SETTINGS, 1, 0) + frame(PING, 0, 0, b"12345678") + frame(0x42, 0, 1, b"x" * 20000)
+            self.check(plain, fast, [("recv", read), ("recv", frame(0x42, 0, 1, b"x" * 20000))])
+            self.assertFalse(fast.fast_path_active)
+
+    def test_odd_header_tuples_and_stream_ids(self):
+        for headers in ([(b":method", b"POST", True)], [(b":method",)], [(b"x", "text")]):
+            for sid in (3, 2**31 + 1):
+                plain, fast = opened(True)
+                outcomes = []
+                for conn in (plain, fast):
+                    SEND_HEADERS["odd"] = headers
+                    try:
+                        outcomes.append(apply(conn, ("send_headers", sid, "odd", False)))
+                    finally:
+                        del SEND_HEADERS["odd"]
+                self.assertEqual(outcomes[0], outcomes[1], (headers, sid))
+
+    def test_wide_memoryview_and_non_bytes_reads(self):
+        plain, fast = opened(False)
+        block = REQUEST
+        for conn in (plain, fast):
+            conn.receive_data(frame(HEADERS, 0x4, 1, block))
+            conn.data_to_send()
+        outcomes = []
+        for conn in (plain, fast):
+            try:
+                conn.send_data(1, memoryview(b"abcdefgh").cast("I"))
+                outcomes.append(("ok", conn.data_to_send(), h2_state(conn)))
+            except Exception as e:
+                outcomes.append(("error", type(e).__name__))
+        self.assertEqual(outcomes[0], outcomes[1])
+        for bad in (9, [0, 0, 0, 4, 0, 0, 0, 0, 0]):
+            self.assertEqual(apply(plain, ("recv", bad))[0][:2], apply(fast, ("recv", bad))[0][:2])

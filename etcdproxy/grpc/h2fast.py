@@ -9,10 +9,10 @@ a shorter way, on h2's own objects, so that its state is h2's at every moment:
 
 - receiving: whole frames are cut out of the read with plain byte arithmetic.
   DATA (unpadded), HEADERS (a whole header block: END_HEADERS, no padding or
-  priority) and WINDOW_UPDATE go as lean frame records to h2's own handlers
-  for them (`_receive_data_frame` and so on, through h2's dispatch and error
-  handling), so every state transition, window, event and error is h2's. Every
-  other frame (the preface, SETTINGS, PING, RST_STREAM, GOAWAY, PRIORITY,
+  priority), WINDOW_UPDATE and PING go as lean frame records to h2's own
+  handlers for them (`_receive_data_frame` and so on, through h2's dispatch and
+  error handling), so every state transition, window, event and error is h2's.
+  Every other frame (the preface, SETTINGS, RST_STREAM, GOAWAY, PRIORITY,
   CONTINUATION, unknown types) and every frame that would be an error in
   hyperframe's parsing (stream 0, a bad increment, a frame over the size limit)
   is fed to h2's ``receive_data`` unchanged, in order.
@@ -39,6 +39,7 @@ from hyperframe.frame import Frame
 from h2.config import H2Configuration
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes
 from h2.stream import StreamInputs, StreamState, _transitions as _stream_transitions
 from h2.utilities import authority_from_headers, extract_method_header, is_informational_response
 
@@ -86,6 +87,7 @@ def _h2_internals_as_expected():
             and isinstance(getattr(probe, "_data_to_send", None), bytearray)
             and all(hasattr(probe, name) for name in (
                 "_receive_data_frame", "_receive_headers_frame", "_receive_window_update_frame",
+                "_receive_ping_frame",
                 "_terminate_connection", "_get_or_create_stream", "open_outbound_streams"))
             and all(hasattr(buffer, name) for name in ("_preamble_len", "_headers_buffer")))
 
@@ -174,7 +176,7 @@ _HEADERS_FLAGS = {_END_HEADERS: frozenset({"END_HEADERS"}),
 
 
 class FastH2Connection(BoundedH2Connection):
-    """`BoundedH2Connection` with the fast path for DATA, HEADERS and WINDOW_UPDATE."""
+    """`BoundedH2Connection` with the fast path for DATA, HEADERS, WINDOW_UPDATE and PING."""
 
     def __init__(self, config, max_header_list_size):
         super().__init__(config, max_header_list_size)
@@ -209,8 +211,8 @@ class FastH2Connection(BoundedH2Connection):
     # -- receiving --------------------------------------------------------------
 
     def receive_data(self, data):
-        if not self._fast:
-            return super().receive_data(data)
+        if not self._fast or type(data) not in (bytes, bytearray, memoryview):
+            return super().receive_data(data)  # (h2 refuses what is not bytes-like)
         events = []
         buffer = self.incoming_buffer
         if buffer._preamble_len:
@@ -292,13 +294,24 @@ class FastH2Connection(BoundedH2Connection):
                 self._partial = data[position:]
         return events
 
+    def update_settings(self, new_settings):
+        # h2 applies a new local MAX_FRAME_SIZE (once acknowledged) from the next
+        # read on; the frame cutting here would apply it within the read. The proxy
+        # never changes it; should anyone, h2 takes the reads from then on.
+        if self._fast and SettingCodes.MAX_FRAME_SIZE in new_settings:
+            self._fast = False
+            partial, self._partial = self._partial, b""
+            if partial:
+                self.incoming_buffer.add_data(partial)
+        return super().update_settings(new_settings)
+
     # -- sending ----------------------------------------------------------------
 
     def send_data(self, stream_id, data, end_stream=False, pad_length=None):
         stream = self.streams.get(stream_id)
         size = len(data)
         if (not self._fast or pad_length is not None or stream is None
-                or (type(data) is not bytes and type(data) is not memoryview)
+                or (type(data) is not bytes and (type(data) is not memoryview or data.nbytes != size))
                 or self.state_machine.state not in _QUIET_CONNECTION_STATES
                 or size > self.outbound_flow_control_window or size > stream.outbound_flow_control_window
                 or size > self.max_outbound_frame_size):
@@ -324,8 +337,11 @@ class FastH2Connection(BoundedH2Connection):
                                         priority_depends_on, priority_exclusive)
         if not headers:
             return super().send_headers(stream_id, headers, end_stream)  # h2 fails on an empty block
+        if not 0 < stream_id <= _MAX_WINDOW:
+            return super().send_headers(stream_id, headers, end_stream)
         for header in headers:
-            if type(header) is not tuple or type(header[0]) is not bytes or type(header[1]) is not bytes:
+            if (type(header) is not tuple or len(header) != 2
+                    or type(header[0]) is not bytes or type(header[1]) is not bytes):
                 return super().send_headers(stream_id, headers, end_stream)
         stream = self.streams.get(stream_id)
         if stream is None:
