@@ -19,6 +19,7 @@ from tests.support.grpcio import (
     AUTH,
     EL,
     LK,
+    conf_change,
     prefix_end,
     rpc_error,
     rpc_error_or_none,
@@ -487,26 +488,26 @@ class RelayedMemberListTests(GrpcioTestCase):
     def test_member_errors_on_unknown_member(self):
         unknown = 0x1234567
         nf = (grpc.StatusCode.NOT_FOUND, "etcdserver: member not found")
-        self.both_errors("cluster", "MemberRemove", R.MemberRemoveRequest(ID=unknown), *nf)
-        self.both_errors("cluster", "MemberUpdate",
+        self.both_conf_change_errors("MemberRemove", R.MemberRemoveRequest(ID=unknown), *nf)
+        self.both_conf_change_errors("MemberUpdate",
                          R.MemberUpdateRequest(ID=unknown, peerURLs=["http://127.0.0.1:1"]), *nf)
-        self.both_errors("cluster", "MemberPromote", R.MemberPromoteRequest(ID=unknown), *nf)
+        self.both_conf_change_errors("MemberPromote", R.MemberPromoteRequest(ID=unknown), *nf)
 
     def test_member_add_errors(self):
-        self.both_errors("cluster", "MemberAdd", R.MemberAddRequest(peerURLs=["bogus"]),
+        self.both_conf_change_errors("MemberAdd", R.MemberAddRequest(peerURLs=["bogus"]),
                          grpc.StatusCode.INVALID_ARGUMENT, "etcdserver: given member URLs are invalid")
         mine = list(self.d.cluster.MemberList(R.MemberListRequest()).members[0].peerURLs)
-        self.both_errors("cluster", "MemberAdd", R.MemberAddRequest(peerURLs=mine),
+        self.both_conf_change_errors("MemberAdd", R.MemberAddRequest(peerURLs=mine),
                          grpc.StatusCode.FAILED_PRECONDITION, "etcdserver: Peer URLs already exists")
 
     def test_learner_add_update_promote_remove(self):
         url = "http://127.0.0.1:%d" % free_port()
-        r = self.p.cluster.MemberAdd(R.MemberAddRequest(peerURLs=[url], isLearner=True))
+        r = conf_change(self.p.cluster.MemberAdd, R.MemberAddRequest(peerURLs=[url], isLearner=True))
         mid = r.member.ID
 
         def cleanup():
             if mid in [m.ID for m in self.d.cluster.MemberList(R.MemberListRequest()).members]:
-                self.d.cluster.MemberRemove(R.MemberRemoveRequest(ID=mid))
+                conf_change(self.d.cluster.MemberRemove, R.MemberRemoveRequest(ID=mid))
         self.addCleanup(cleanup)
         self.assertTrue(r.member.isLearner)
         self.assertEqual(list(r.member.peerURLs), [url])
@@ -517,16 +518,16 @@ class RelayedMemberListTests(GrpcioTestCase):
                                        if m.ID == mid][0])
         self.assertEqual((listed[mid].isLearner, list(listed[mid].clientURLs)), (True, []))
         url2 = "http://127.0.0.1:%d" % free_port()
-        u = self.p.cluster.MemberUpdate(R.MemberUpdateRequest(ID=mid, peerURLs=[url2]))
+        u = conf_change(self.p.cluster.MemberUpdate, R.MemberUpdateRequest(ID=mid, peerURLs=[url2]))
         self.assertEqual([list(m.peerURLs) for m in u.members if m.ID == mid], [[url2]])
         # a learner that never started is not in sync: etcd refuses to promote it
-        self.both_errors("cluster", "MemberPromote", R.MemberPromoteRequest(ID=mid),
+        self.both_conf_change_errors("MemberPromote", R.MemberPromoteRequest(ID=mid),
                          grpc.StatusCode.FAILED_PRECONDITION,
                          "etcdserver: can only promote a learner member which is in sync with leader")
-        rm = self.p.cluster.MemberRemove(R.MemberRemoveRequest(ID=mid))
+        rm = conf_change(self.p.cluster.MemberRemove, R.MemberRemoveRequest(ID=mid))
         self.assertNotIn(mid, [m.ID for m in rm.members])
         self.assertNotIn(mid, [m.ID for m in self.d.cluster.MemberList(R.MemberListRequest()).members])
-        self.both_errors("cluster", "MemberRemove", R.MemberRemoveRequest(ID=mid),
+        self.both_conf_change_errors("MemberRemove", R.MemberRemoveRequest(ID=mid),
                          grpc.StatusCode.NOT_FOUND, "etcdserver: member not found")
 
 
