@@ -233,14 +233,23 @@ class Counting:
 
     def __init__(self, conn):
         self.count = 0
+        self.lean_header_blocks = 0  # taken without h2's frame handler
         table = conn._frame_dispatch_table
-        for kind in (h2fast._DataFrame, h2fast._HeadersFrame, h2fast._WindowUpdateFrame, h2fast._PingFrame):
+        for kind in (h2fast._DataFrame, h2fast._WindowUpdateFrame, h2fast._PingFrame):
             table[kind] = self._wrap(table[kind])
+        # Header blocks go to _receive_header_block (h2's handler only for the uncommon ones).
+        conn._receive_header_block = self._wrap(conn._receive_header_block)
+        lean = conn._stream_received_headers
+
+        def counted_lean(*args):
+            self.lean_header_blocks += 1
+            return lean(*args)
+        conn._stream_received_headers = counted_lean
 
     def _wrap(self, handler):
-        def counted(frame):
+        def counted(*args):
             self.count += 1
-            return handler(frame)
+            return handler(*args)
         return counted
 
 
@@ -322,6 +331,10 @@ class UnaryTrafficTests(unittest.TestCase):
                 outcomes.append((seen, wire, h2_state(conn)))
             self.assertEqual(outcomes[0], outcomes[1], f"call {call}")
         self.assertGreater(counting.count, calls * 2, "the fast path was not taken")
+        # every call's response headers and trailers (client side), every request
+        # but the first, whose HEADERS move h2's connection from IDLE (server side)
+        self.assertEqual(counting.lean_header_blocks, 2 * calls if client_side else calls - 1,
+                         "header blocks missed the lean path")
 
     def test_server_side_whole_reads(self):
         self.exchange(False, 50, 1 << 20)

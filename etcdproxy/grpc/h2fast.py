@@ -37,7 +37,8 @@ import h2
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import Frame
 from h2.config import H2Configuration
-from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+from h2.connection import (
+    AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine, _decode_headers)
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from h2.stream import StreamInputs, StreamState, _transitions as _stream_transitions
@@ -71,6 +72,17 @@ def _quiet_connection_states():
 _QUIET_CONNECTION_STATES = _quiet_connection_states()
 
 
+def _quiet_receiving_states():
+    """The connection states in which h2 receives HEADERS without a transition
+    or an event."""
+    table = H2ConnectionStateMachine._transitions
+    return tuple(state for state in ConnectionState
+                 if table.get((state, ConnectionInputs.RECV_HEADERS)) == (None, state))
+
+
+_QUIET_RECEIVING_STATES = _quiet_receiving_states()
+
+
 def _h2_internals_as_expected():
     """Whether the h2 internals the fast path relies on are those it was written
     against: the state transitions it skips, and the names it uses."""
@@ -79,17 +91,30 @@ def _h2_internals_as_expected():
                         ((S.HALF_CLOSED_REMOTE, I.SEND_DATA), S.HALF_CLOSED_REMOTE)):
         if _stream_transitions.get(key) != (None, target):
             return False
-    if len(_QUIET_CONNECTION_STATES) != 2:  # h2 4.x: CLIENT_OPEN and SERVER_OPEN
-        return False
+    if len(_QUIET_CONNECTION_STATES) != 2 or len(_QUIET_RECEIVING_STATES) != 2:
+        return False  # h2 4.x: CLIENT_OPEN and SERVER_OPEN, for both
+    # What receiving a header block does to a stream (H2Stream.receive_headers)
+    # in the states the lean path takes: an event from these handlers, no frame.
+    for key, target in (((S.IDLE, I.RECV_HEADERS), S.OPEN),
+                        ((S.OPEN, I.RECV_HEADERS), S.OPEN),
+                        ((S.HALF_CLOSED_LOCAL, I.RECV_HEADERS), S.HALF_CLOSED_LOCAL),
+                        ((S.OPEN, I.RECV_END_STREAM), S.HALF_CLOSED_REMOTE),
+                        ((S.HALF_CLOSED_LOCAL, I.RECV_END_STREAM), S.CLOSED)):
+        entry = _stream_transitions.get(key)
+        if entry is None or entry[1] != target:
+            return False
     probe = BoundedH2Connection(H2Configuration(client_side=True), 16384)
     buffer = probe.incoming_buffer
+    stream = probe._get_or_create_stream(1, AllowedStreamIDs.ODD)
     return (isinstance(getattr(probe, "_frame_dispatch_table", None), dict)
             and isinstance(getattr(probe, "_data_to_send", None), bytearray)
             and all(hasattr(probe, name) for name in (
                 "_receive_data_frame", "_receive_headers_frame", "_receive_window_update_frame",
-                "_receive_ping_frame",
+                "_receive_ping_frame", "_begin_new_stream", "open_inbound_streams",
                 "_terminate_connection", "_get_or_create_stream", "open_outbound_streams"))
-            and all(hasattr(buffer, name) for name in ("_preamble_len", "_headers_buffer")))
+            and all(hasattr(buffer, name) for name in ("_preamble_len", "_headers_buffer"))
+            and all(hasattr(stream, name) for name in ("_expected_content_length", "request_method"))
+            and all(hasattr(stream.state_machine, name) for name in ("headers_received", "state")))
 
 
 def supported():
@@ -270,7 +295,10 @@ class FastH2Connection(BoundedH2Connection):
                     continue
                 position = end
                 try:
-                    events.extend(self._receive_frame(frame))
+                    if kind == _HEADERS:
+                        events.extend(self._receive_header_block(frame))
+                    else:
+                        events.extend(self._receive_frame(frame))
                 except ProtocolError as e:
                     self._terminate_connection(e.error_code)  # as h2's receive_data does
                     raise
@@ -292,6 +320,54 @@ class FastH2Connection(BoundedH2Connection):
                 events.extend(super().receive_data(data[position:]))
             else:
                 self._partial = data[position:]
+        return events
+
+    def _receive_header_block(self, frame):
+        """A whole header block (no padding or priority), as h2's
+        ``_receive_frame`` takes it, the common cases the short way: a new
+        stream the peer may open here, or headers and trailers on a stream of
+        ours that expects them. The steps that could fail, or do more than
+        these cases need, are h2's own; anything else goes to h2 whole."""
+        sid = frame.stream_id
+        stream = self.streams.get(sid)
+        if self.state_machine.state not in _QUIET_RECEIVING_STATES:
+            return self._receive_frame(frame)
+        if stream is None:
+            # A new stream: one h2 would open (right parity, above the highest
+            # id) within the concurrency limit (past it, h2's refusal).
+            if (self.config.client_side or not sid & 1 or sid <= self.highest_inbound_stream_id
+                    or self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams):
+                return self._receive_frame(frame)
+            headers = _decode_headers(self.decoder, frame.data)
+            stream = self._begin_new_stream(sid, AllowedStreamIDs.ODD)
+        else:
+            state = stream.state_machine.state
+            if not (state is StreamState.OPEN or state is StreamState.HALF_CLOSED_LOCAL):
+                return self._receive_frame(frame)
+            headers = _decode_headers(self.decoder, frame.data)
+        end_stream = "END_STREAM" in frame.flags
+        return self._stream_received_headers(stream, headers, end_stream)
+
+    def _stream_received_headers(self, stream, headers, end_stream):
+        """h2's ``H2Stream.receive_headers`` for a block with neither a 1xx
+        status nor content-length on a stream that had none, headers not
+        checked or converted (the proxy's configuration), and trailers that end
+        the stream; h2's own for anything else."""
+        machine = stream.state_machine
+        config = self.config
+        if (config.header_encoding or config.validate_inbound_headers or config.normalize_inbound_headers
+                or stream.request_method == b"HEAD" or stream._expected_content_length is not None
+                or (machine.headers_received and not end_stream)):
+            return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
+        for name, value in headers:
+            if name == b"content-length" or (name == b":status" and value[:1] == b"1"):
+                return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
+        events = machine.process_input(StreamInputs.RECV_HEADERS)
+        if end_stream:
+            ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+            events[0].stream_ended = ended[0]
+            events += ended
+        events[0].headers = list(headers)
         return events
 
     def update_settings(self, new_settings):
