@@ -6,8 +6,9 @@ events to the streams; it replenishes the connection-level window at once (so
 one paused stream never stalls the others, see `etcdproxy.grpc.stream`). Its
 other jobs each have a module: writing once per batch of work
 (`etcdproxy.grpc.writebatch`), counting floods (`etcdproxy.grpc.floodguard`),
-holding PING ACKs for the next write (`etcdproxy.grpc.pingacks`) and timing
-streams the peer does not read (`etcdproxy.grpc.stalls`).
+holding PING ACKs for the next write (`etcdproxy.grpc.pingacks`), timing
+streams the peer does not read (`etcdproxy.grpc.stalls`) and sending without
+a poll round when the socket takes it (`etcdproxy.grpc.directwrite`).
 """
 
 import dataclasses
@@ -37,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from etcdproxy.grpc.directwrite import DirectWriter
 from etcdproxy.grpc.floodguard import FloodGuard
 from etcdproxy.grpc.h2connection import StreamRefused
 from etcdproxy.grpc.h2fast import FastH2Connection
@@ -133,7 +135,8 @@ class H2Protocol(Protocol):
             tcp.setTcpNoDelay(True)
         self.conn = new_h2_connection(self.client_side, self.limits)
         self.transport.registerProducer(self, True)
-        self.transport.write(self.conn.data_to_send())
+        self._writer = DirectWriter(self.transport)
+        self._writer.write(self.conn.data_to_send())
 
     def dataReceived(self, data):
         batch = self._batch
@@ -272,7 +275,7 @@ class H2Protocol(Protocol):
             return
         data = self._held_acks.with_output(data, after=hold_acks)
         if data:
-            self.transport.write(data)
+            self._writer.write(data)
 
     def _release_held(self):
         if not self._lost:
