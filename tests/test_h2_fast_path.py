@@ -235,9 +235,10 @@ class Counting:
         self.count = 0
         self.lean_header_blocks = 0  # taken without h2's frame handler
         table = conn._frame_dispatch_table
-        for kind in (h2fast._DataFrame, h2fast._WindowUpdateFrame, h2fast._PingFrame):
+        for kind in (h2fast._WindowUpdateFrame, h2fast._PingFrame):
             table[kind] = self._wrap(table[kind])
-        # Header blocks go to _receive_header_block (h2's handler only for the uncommon ones).
+        # DATA and header blocks go to their own methods (h2's handler only for the uncommon ones).
+        conn._receive_data_block = self._wrap(conn._receive_data_block)
         conn._receive_header_block = self._wrap(conn._receive_header_block)
         lean = conn._stream_received_headers
 

@@ -73,11 +73,12 @@ _QUIET_CONNECTION_STATES = _quiet_connection_states()
 
 
 def _quiet_receiving_states():
-    """The connection states in which h2 receives HEADERS without a transition
-    or an event."""
+    """The connection states in which h2 receives HEADERS and DATA without a
+    transition or an event."""
     table = H2ConnectionStateMachine._transitions
     return tuple(state for state in ConnectionState
-                 if table.get((state, ConnectionInputs.RECV_HEADERS)) == (None, state))
+                 if table.get((state, ConnectionInputs.RECV_HEADERS)) == (None, state)
+                 and table.get((state, ConnectionInputs.RECV_DATA)) == (None, state))
 
 
 _QUIET_RECEIVING_STATES = _quiet_receiving_states()
@@ -93,11 +94,13 @@ def _h2_internals_as_expected():
             return False
     if len(_QUIET_CONNECTION_STATES) != 2 or len(_QUIET_RECEIVING_STATES) != 2:
         return False  # h2 4.x: CLIENT_OPEN and SERVER_OPEN, for both
-    # What receiving a header block does to a stream (H2Stream.receive_headers)
-    # in the states the lean path takes: an event from these handlers, no frame.
+    # What receiving a header block or data does to a stream (H2Stream.receive_headers,
+    # receive_data) in the states the lean path takes: an event from these handlers.
     for key, target in (((S.IDLE, I.RECV_HEADERS), S.OPEN),
                         ((S.OPEN, I.RECV_HEADERS), S.OPEN),
                         ((S.HALF_CLOSED_LOCAL, I.RECV_HEADERS), S.HALF_CLOSED_LOCAL),
+                        ((S.OPEN, I.RECV_DATA), S.OPEN),
+                        ((S.HALF_CLOSED_LOCAL, I.RECV_DATA), S.HALF_CLOSED_LOCAL),
                         ((S.OPEN, I.RECV_END_STREAM), S.HALF_CLOSED_REMOTE),
                         ((S.HALF_CLOSED_LOCAL, I.RECV_END_STREAM), S.CLOSED)):
         entry = _stream_transitions.get(key)
@@ -111,6 +114,7 @@ def _h2_internals_as_expected():
             and all(hasattr(probe, name) for name in (
                 "_receive_data_frame", "_receive_headers_frame", "_receive_window_update_frame",
                 "_receive_ping_frame", "_begin_new_stream", "open_inbound_streams",
+                "_inbound_flow_control_window_manager",
                 "_terminate_connection", "_get_or_create_stream", "open_outbound_streams"))
             and all(hasattr(buffer, name) for name in ("_preamble_len", "_headers_buffer"))
             and all(hasattr(stream, name) for name in ("_expected_content_length", "request_method"))
@@ -295,7 +299,9 @@ class FastH2Connection(BoundedH2Connection):
                     continue
                 position = end
                 try:
-                    if kind == _HEADERS:
+                    if kind == _DATA:
+                        events.extend(self._receive_data_block(frame))
+                    elif kind == _HEADERS:
                         events.extend(self._receive_header_block(frame))
                     else:
                         events.extend(self._receive_frame(frame))
@@ -321,6 +327,19 @@ class FastH2Connection(BoundedH2Connection):
             else:
                 self._partial = data[position:]
         return events
+
+    def _receive_data_block(self, frame):
+        """An unpadded DATA frame, as h2's ``_receive_frame`` takes it; on a
+        stream open for it, the short way (h2's own window and stream
+        handling, without its generic frame handler)."""
+        stream = self.streams.get(frame.stream_id)
+        if (stream is None or self.state_machine.state not in _QUIET_RECEIVING_STATES
+                or not (stream.state_machine.state is StreamState.OPEN
+                        or stream.state_machine.state is StreamState.HALF_CLOSED_LOCAL)):
+            return self._receive_frame(frame)
+        length = frame.flow_controlled_length
+        self._inbound_flow_control_window_manager.window_consumed(length)
+        return stream.receive_data(frame.data, "END_STREAM" in frame.flags, length)[1]
 
     def _receive_header_block(self, frame):
         """A whole header block (no padding or priority), as h2's
