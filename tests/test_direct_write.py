@@ -96,6 +96,18 @@ class DirectWriteTests(unittest.TestCase):
         out.write(b"gone")  # after the close: dropped, as by Twisted's write
         self.assertEqual(out.direct_bytes, len(b"before"))
 
+    @defer.inlineCallbacks
+    def test_a_transport_with_tls_started_is_left_to_twisted(self):
+        writer, sink = yield self.connected_pair()
+        out = DirectWriter(writer.transport)
+        written = []
+        writer.transport.TLS = True  # what startTLS sets: its write encrypts
+        writer.transport.write = written.append  # (no TLS here: only where the bytes go)
+        self.addCleanup(vars(writer.transport).pop, "write")
+        self.addCleanup(setattr, writer.transport, "TLS", False)
+        out.write(b"secret")
+        self.assertEqual((written, out.direct_bytes), ([b"secret"], 0))
+
     def test_other_transports_use_their_own_write(self):
         transport = StringTransport()
         out = DirectWriter(transport)

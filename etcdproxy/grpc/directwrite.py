@@ -13,14 +13,15 @@ order), and hands the rest to ``transport.write`` as before: a peer that does
 not read fills Twisted's buffer, which pauses the producers as it always did.
 Errors are left to Twisted (the data goes to ``transport.write``, and the
 reactor finds the broken socket). Only plain TCP transports of the releases
-it was written against take it (TLS goes through Twisted's own path).
+it was written against take it: TLS (the proxy's, wrapped around the transport,
+or one started on it) goes through Twisted's own path.
 """
 
 from twisted.internet import tcp
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 _NEEDED = ("writeSomeData", "dataBuffer", "offset", "_tempDataLen", "connected", "disconnecting",
-           "_writeDisconnected")
+           "_writeDisconnected", "TLS")
 
 
 def _direct_possible(transport):
@@ -39,8 +40,10 @@ class DirectWriter:
 
     def _write_direct(self, data):
         transport = self.transport
+        # (TLS started on the transport itself encrypts in its write: not here)
         if (transport.connected and not transport.disconnecting and not transport._writeDisconnected
-                and not transport._tempDataLen and len(transport.dataBuffer) == transport.offset):
+                and not transport.TLS and not transport._tempDataLen
+                and len(transport.dataBuffer) == transport.offset):
             sent = transport.writeSomeData(data)
             if type(sent) is int and sent > 0:
                 self.direct_bytes += sent
