@@ -234,12 +234,10 @@ class Counting:
     def __init__(self, conn):
         self.count = 0
         self.lean_header_blocks = 0  # taken without h2's frame handler
-        table = conn._frame_dispatch_table
-        for kind in (h2fast._WindowUpdateFrame, h2fast._PingFrame):
-            table[kind] = self._wrap(table[kind])
-        # DATA and header blocks go to their own methods (h2's handler only for the uncommon ones).
-        conn._receive_data_block = self._wrap(conn._receive_data_block)
-        conn._receive_header_block = self._wrap(conn._receive_header_block)
+        # Each kind of frame cut out goes to its own method (h2's frame handler
+        # only for the uncommon cases).
+        for name in ("_receive_data_block", "_receive_header_block", "_receive_ping", "_receive_window_update"):
+            setattr(conn, name, self._wrap(getattr(conn, name)))
         lean = conn._stream_received_headers
 
         def counted_lean(*args):

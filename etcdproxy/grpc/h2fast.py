@@ -39,6 +39,7 @@ from hyperframe.frame import Frame
 from h2.config import H2Configuration
 from h2.connection import (
     AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine, _decode_headers)
+from h2.events import PingAckReceived, PingReceived
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from h2.stream import StreamInputs, StreamState, _transitions as _stream_transitions
@@ -58,6 +59,8 @@ _HEADER = struct.Struct(">HBBBL")  # length (16 high bits), length (8 low bits),
 _DATA, _HEADERS, _PING, _WINDOW_UPDATE = 0x0, 0x1, 0x6, 0x8
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 _MAX_WINDOW = 2**31 - 1
+_PING_ACK_HEADER = _HEADER.pack(0, 8, _PING, 0x1, 0)
+_CONNECTION_WINDOW_UPDATE_HEADER = _HEADER.pack(0, 4, _WINDOW_UPDATE, 0, 0)
 
 
 def _quiet_connection_states():
@@ -84,6 +87,36 @@ def _quiet_receiving_states():
 _QUIET_RECEIVING_STATES = _quiet_receiving_states()
 
 
+def _quiet_states(connection_input):
+    """The connection states in which h2 takes this input without a transition
+    or an event."""
+    table = H2ConnectionStateMachine._transitions
+    return tuple(state for state in ConnectionState if table.get((state, connection_input)) == (None, state))
+
+
+_QUIET_PING_STATES = _quiet_states(ConnectionInputs.RECV_PING)
+_QUIET_WINDOW_STATES = _quiet_states(ConnectionInputs.SEND_WINDOW_UPDATE)
+
+
+def _ping_event_maker(cls):
+    """A function making h2's ``cls`` event (PingReceived, PingAckReceived) for
+    some opaque data: h2 4.3 and later build them with keywords, earlier h2
+    without arguments."""
+    try:
+        cls(ping_data=b"")
+    except TypeError:
+        def make(data):
+            event = cls()
+            event.ping_data = data
+            return event
+        return make
+    return lambda data: cls(ping_data=data)
+
+
+_ping_received = _ping_event_maker(PingReceived)
+_ping_ack_received = _ping_event_maker(PingAckReceived)
+
+
 def _h2_internals_as_expected():
     """Whether the h2 internals the fast path relies on are those it was written
     against: the state transitions it skips, and the names it uses."""
@@ -94,6 +127,9 @@ def _h2_internals_as_expected():
             return False
     if len(_QUIET_CONNECTION_STATES) != 2 or len(_QUIET_RECEIVING_STATES) != 2:
         return False  # h2 4.x: CLIENT_OPEN and SERVER_OPEN, for both
+    if not (set(_QUIET_RECEIVING_STATES) <= set(_QUIET_PING_STATES)
+            and set(_QUIET_RECEIVING_STATES) <= set(_QUIET_WINDOW_STATES)):
+        return False
     # What receiving a header block or data does to a stream (H2Stream.receive_headers,
     # receive_data) in the states the lean path takes: an event from these handlers.
     for key, target in (((S.IDLE, I.RECV_HEADERS), S.OPEN),
@@ -114,7 +150,7 @@ def _h2_internals_as_expected():
             and all(hasattr(probe, name) for name in (
                 "_receive_data_frame", "_receive_headers_frame", "_receive_window_update_frame",
                 "_receive_ping_frame", "_begin_new_stream", "open_inbound_streams",
-                "_inbound_flow_control_window_manager",
+                "_inbound_flow_control_window_manager", "_prepare_for_sending", "MAX_WINDOW_INCREMENT",
                 "_terminate_connection", "_get_or_create_stream", "open_outbound_streams"))
             and all(hasattr(buffer, name) for name in ("_preamble_len", "_headers_buffer"))
             and all(hasattr(stream, name) for name in ("_expected_content_length", "request_method"))
@@ -303,6 +339,10 @@ class FastH2Connection(BoundedH2Connection):
                         events.extend(self._receive_data_block(frame))
                     elif kind == _HEADERS:
                         events.extend(self._receive_header_block(frame))
+                    elif kind == _PING:
+                        events.extend(self._receive_ping(frame))
+                    elif kind == _WINDOW_UPDATE:
+                        events.extend(self._receive_window_update(frame))
                     else:
                         events.extend(self._receive_frame(frame))
                 except ProtocolError as e:
@@ -340,6 +380,27 @@ class FastH2Connection(BoundedH2Connection):
         length = frame.flow_controlled_length
         self._inbound_flow_control_window_manager.window_consumed(length)
         return stream.receive_data(frame.data, "END_STREAM" in frame.flags, length)[1]
+
+    def _receive_ping(self, frame):
+        """A PING, answered as h2 answers it (h2's ACK frame, written as bytes)."""
+        if self.state_machine.state not in _QUIET_PING_STATES:
+            return self._receive_frame(frame)
+        data = frame.opaque_data
+        if "ACK" in frame.flags:
+            return [_ping_ack_received(data)]
+        self._data_to_send += _PING_ACK_HEADER + data
+        return [_ping_received(data)]
+
+    def _receive_window_update(self, frame):
+        """A WINDOW_UPDATE for the connection or a stream h2 holds: h2's own
+        handler, without its generic frame handler (whose error handling is
+        for streams h2 no longer holds)."""
+        if frame.stream_id and frame.stream_id not in self.streams:
+            return self._receive_frame(frame)
+        frames, events = self._receive_window_update_frame(frame)
+        if frames:
+            self._prepare_for_sending(frames)
+        return events
 
     def _receive_header_block(self, frame):
         """A whole header block (no padding or priority), as h2's
@@ -401,6 +462,14 @@ class FastH2Connection(BoundedH2Connection):
         return super().update_settings(new_settings)
 
     # -- sending ----------------------------------------------------------------
+
+    def increment_flow_control_window(self, increment, stream_id=None):
+        # The connection's window: h2's window manager, h2's frame written as bytes.
+        if (stream_id is not None or not self._fast or not 1 <= increment <= self.MAX_WINDOW_INCREMENT
+                or self.state_machine.state not in _QUIET_WINDOW_STATES):
+            return super().increment_flow_control_window(increment, stream_id)
+        self._inbound_flow_control_window_manager.window_opened(increment)
+        self._data_to_send += _CONNECTION_WINDOW_UPDATE_HEADER + increment.to_bytes(4, "big")
 
     def send_data(self, stream_id, data, end_stream=False, pad_length=None):
         stream = self.streams.get(stream_id)
