@@ -149,10 +149,13 @@ class H2Protocol(Protocol):
                 self._log.debug("HTTP/2 protocol error from {peer}: {e}", peer=self.transport.getPeer(), e=e)
                 self.end_connection()  # h2 has framed the GOAWAY
                 return
+            handlers = self._handlers
             for event in events:
                 if self._ending is not None:
                     return  # ended by one of them (a flood)
-                self._dispatch(event)
+                handler = handlers.get(type(event))
+                if handler is not None:
+                    handler(self, event)
             self._replenish_connection_window()
             # h2 checks a frame's declared length only once the whole frame is in,
             # so a peer could make it buffer 16 MiB: check the pending header now.
@@ -169,11 +172,6 @@ class H2Protocol(Protocol):
         spent = window - self.conn.inbound_flow_control_window
         if spent >= window // 4:
             self.conn.increment_flow_control_window(spent)
-
-    def _dispatch(self, event):
-        handler = self._handlers.get(type(event))
-        if handler is not None:
-            handler(self, event)
 
     def _data_received(self, event):
         stream = self.streams.get(event.stream_id)

@@ -251,6 +251,11 @@ class FastH2Connection(BoundedH2Connection):
         # (as the proxy configures it; the configuration is not changed later).
         self._fast_headers = self._fast and not (config.validate_outbound_headers
                                                  or config.normalize_outbound_headers)
+        # Received header blocks go the short way only as received raw: not
+        # converted to text, not checked, not normalised (also read once).
+        self._raw_headers_in = not (config.header_encoding or config.validate_inbound_headers
+                                    or config.normalize_inbound_headers)
+        self._server_side = not config.client_side
         if self._fast:
             table = self._frame_dispatch_table
             table[_DataFrame] = self._receive_data_frame
@@ -415,7 +420,7 @@ class FastH2Connection(BoundedH2Connection):
         if stream is None:
             # A new stream: one h2 would open (right parity, above the highest
             # id) within the concurrency limit (past it, h2's refusal).
-            if (self.config.client_side or not sid & 1 or sid <= self.highest_inbound_stream_id
+            if (not self._server_side or not sid & 1 or sid <= self.highest_inbound_stream_id
                     or self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams):
                 return self._receive_frame(frame)
             headers = _decode_headers(self.decoder, frame.data)
@@ -434,9 +439,8 @@ class FastH2Connection(BoundedH2Connection):
         checked or converted (the proxy's configuration), and trailers that end
         the stream; h2's own for anything else."""
         machine = stream.state_machine
-        config = self.config
-        if (config.header_encoding or config.validate_inbound_headers or config.normalize_inbound_headers
-                or stream.request_method == b"HEAD" or stream._expected_content_length is not None
+        if (not self._raw_headers_in or stream.request_method == b"HEAD"
+                or stream._expected_content_length is not None
                 or (machine.headers_received and not end_stream)):
             return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
         for name, value in headers:
@@ -512,7 +516,7 @@ class FastH2Connection(BoundedH2Connection):
             if self.open_outbound_streams + 1 > self.remote_settings.max_concurrent_streams:
                 return super().send_headers(stream_id, headers, end_stream)  # h2's refusal
             # h2's connection state machine does nothing here; h2 then opens the stream.
-            stream = self._get_or_create_stream(stream_id, AllowedStreamIDs(self.config.client_side))
+            stream = self._get_or_create_stream(stream_id, AllowedStreamIDs(not self._server_side))
         # h2's H2Stream.send_headers, less the header validation (off) and its no-op log.
         machine = stream.state_machine
         if not machine.client and is_informational_response(headers):
