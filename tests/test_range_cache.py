@@ -21,7 +21,7 @@ from etcdproxy.grpc.status import GRPCError, StatusCode
 from etcdproxy.pb.etcdserverpb import rpc_pb2
 from etcdproxy.pb.mvccpb import kv_pb2
 from etcdproxy.services.client_limits import ClientLimits
-from etcdproxy.services.range_cache import RangeCache
+from etcdproxy.services.range_cache import RangeCache, split_header
 from etcdproxy.services.range_calls import write_spans
 from etcdproxy.services.range_store import Entry, RangeStore, span
 from tests.support.proxy import ProxyProcess
@@ -99,6 +99,54 @@ class RangeStoreTests(unittest.TestCase):
             failure=[R.RequestOp(request_put=R.PutRequest(key=b"f"))])
         got = write_spans(rpc_pb2.TxnRequest.FromString(txn.SerializeToString()))
         self.assertEqual(sorted(got), sorted([span(b"n1", b""), span(b"p/", b"p0"), span(b"f", b"")]))
+
+
+class SplitHeaderTests(unittest.TestCase):
+    """A filled answer is stored as etcd's bytes without its header, read
+    without decoding the kvs when the header comes first (as etcd writes it)."""
+
+    def response(self, kvs=3, **header):
+        return rpc_pb2.RangeResponse(
+            header=rpc_pb2.ResponseHeader(cluster_id=11, member_id=12, revision=13, raft_term=14, **header),
+            kvs=[kv_pb2.KeyValue(key=b"k%d" % i, value=b"v" * i, mod_revision=i) for i in range(kvs)],
+            count=kvs, more=True)
+
+    def test_header_first_as_etcd_writes_it(self):
+        for kvs in (0, 1, 300):  # 300: a header length prefix of one byte, kvs past 16 KiB
+            response = self.response(kvs)
+            encoded = response.SerializeToString()
+            header, body = split_header(encoded)
+            self.assertEqual(header, response.header)
+            rest = rpc_pb2.RangeResponse()
+            rest.CopyFrom(response)
+            rest.ClearField("header")
+            # what decoding it whole and encoding it again without its header stored
+            self.assertEqual(body, rest.SerializeToString())
+            # the body is etcd's own bytes after the header field
+            self.assertTrue(encoded.endswith(body))
+            self.assertEqual(rpc_pb2.RangeResponse.FromString(encoded[:len(encoded) - len(body)]),
+                             rpc_pb2.RangeResponse(header=response.header))
+
+    def test_long_header(self):
+        response = self.response(1)
+        response.header.cluster_id = 2**64 - 1
+        response.header.member_id = 2**64 - 1
+        header, body = split_header(response.SerializeToString())
+        self.assertEqual(header, response.header)
+
+    def test_others_are_left_to_a_whole_decode(self):
+        response = self.response(2)
+        no_header = rpc_pb2.RangeResponse(kvs=response.kvs, count=2)
+        self.assertIsNone(split_header(no_header.SerializeToString()))
+        header_last = no_header.SerializeToString() + rpc_pb2.RangeResponse(
+            header=response.header).SerializeToString()
+        self.assertIsNone(split_header(header_last))
+        encoded = response.SerializeToString()
+        for cut in (1, 2, 5):
+            self.assertIsNone(split_header(encoded[:cut]), cut)  # truncated inside the header
+        self.assertIsNone(split_header(b"\n\xff\xff\xff\xff\xff\xff"))  # a runaway length
+        self.assertIsNone(split_header(b"\n\x02\xff\xff"))  # a header that does not decode
+        self.assertIsNone(split_header(b""))
 
 
 class ClientLimitsTests(unittest.TestCase):

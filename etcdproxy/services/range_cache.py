@@ -21,6 +21,7 @@ with etcd (the ``range-cache`` child of the service tree).
   (probed every ``check_interval``): auth was enabled elsewhere.
 """
 
+from google.protobuf.message import DecodeError
 from twisted.application import service
 from twisted.logger import Logger
 
@@ -41,6 +42,31 @@ def _varint(n):
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+def split_header(answer):
+    """(ResponseHeader, the other fields' bytes as they are) of an encoded
+    RangeResponse whose header is its first field, as etcd writes it; None for
+    any other (then decoded whole). Spares decoding and encoding the kvs of a
+    large answer to store it."""
+    if answer[:1] != b"\n":
+        return None
+    length, shift, position = 0, 0, 1
+    while position < len(answer) and shift < 35:
+        byte = answer[position]
+        position += 1
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            end = position + length
+            if end > len(answer):
+                return None
+            try:
+                header = rpc_pb2.ResponseHeader.FromString(answer[position:end])
+            except DecodeError:
+                return None
+            return header, answer[end:]
+    return None
 
 
 def metadata_value(metadata, name):
@@ -140,16 +166,23 @@ class RangeCache(service.Service):
             del self.inflight[fetch.coalescing_key]
         if result is None or isinstance(result, GRPCError):
             return
-        response = rpc_pb2.RangeResponse.FromString(result)
-        header = response.header
+        split = split_header(result)
+        if split is not None:
+            header, body = split
+        else:
+            response = rpc_pb2.RangeResponse.FromString(result)
+            header = response.header
+            response.ClearField("header")
+            body = None  # encoded only if stored
         if header.revision >= self.header.revision:
             self.header = header
         if self._may_fill(fetch, header.revision):
-            response.ClearField("header")
+            if body is None:
+                body = response.SerializeToString()
             token = fetch.cache_key[0]
             expires = self.reactor.seconds() + self.token_max_age if token else None
             entry = Entry(fetch.cache_key, fetch.span, fetch.revision, token,
-                          response.SerializeToString(), header.revision, expires)
+                          body, header.revision, expires)
             if self.store.put(entry):
                 self.counts["fills"] += 1
         else:
