@@ -281,6 +281,36 @@ class DifferentialTests(unittest.TestCase):
         self.check(plain, fast, [("recv", data) for data in reads])
 
 
+class QueuedOutputTests(unittest.TestCase):
+    """Large payloads wait beside h2's output buffer: the bytes come out in
+    order, whole or in the amounts asked for, and a GOAWAY received drops them."""
+
+    def sent(self, conn, amounts):
+        conn.send_headers(1, list(SEND_HEADERS["request"]))
+        conn.send_data(1, b"a" * 5000)
+        conn.ping(b"12345678")
+        conn.send_data(1, memoryview(b"b" * 9000))
+        conn.send_data(1, b"c" * 10, end_stream=True)
+        self.queued = bool(getattr(conn, "_queued_output", None))
+        return [conn.data_to_send(amount) for amount in amounts]
+
+    def test_in_order_whole_and_in_pieces(self):
+        for amounts in ([None], [3, 100, 5000, None], [20000, 0, None]):
+            plain, fast = opened(True)
+            expected = self.sent(plain, amounts)
+            self.assertEqual(self.sent(fast, amounts), expected, amounts)
+            self.assertTrue(self.queued, "the large payloads were copied into h2's buffer")
+
+    def test_goaway_drops_what_waits(self):
+        plain, fast = opened(True)
+        for conn in (plain, fast):
+            conn.send_headers(1, list(SEND_HEADERS["request"]))
+            conn.send_data(1, b"a" * 5000)
+        self.assertTrue(fast._queued_output)
+        goaway = frame(GOAWAY, 0, 0, struct.pack(">II", 1, 0))
+        self.assertEqual(apply(plain, ("recv", goaway)), apply(fast, ("recv", goaway)))
+
+
 class UnaryTrafficTests(unittest.TestCase):
     """Real exchanges between plain h2 peers and the two connections: every byte
     each writes and every event each sees is the same, and the fast path is taken."""

@@ -121,9 +121,9 @@ class SplitHeaderTests(unittest.TestCase):
             rest.CopyFrom(response)
             rest.ClearField("header")
             # what decoding it whole and encoding it again without its header stored
-            self.assertEqual(body, rest.SerializeToString())
+            self.assertEqual(bytes(body), rest.SerializeToString())
             # the body is etcd's own bytes after the header field
-            self.assertTrue(encoded.endswith(body))
+            self.assertTrue(encoded.endswith(bytes(body)))
             self.assertEqual(rpc_pb2.RangeResponse.FromString(encoded[:len(encoded) - len(body)]),
                              rpc_pb2.RangeResponse(header=response.header))
 

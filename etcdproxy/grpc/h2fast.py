@@ -19,7 +19,8 @@ a shorter way, on h2's own objects, so that its state is h2's at every moment:
 - sending: DATA and HEADERS on streams in the states where h2 would send them
   without an event or an error are framed here (a 9-byte header and the
   payload, the header block from h2's own encoder) straight into h2's output
-  buffer, with h2's windows and stream state machine updated as h2 does;
+  buffer (a large payload is queued beside it as it is, and copied once, by
+  ``data_to_send``), with h2's windows and stream state machine updated as h2 does;
   anything else (padding, priority, an informational response, a window or
   frame size exceeded, a closed stream, header validation on) goes to h2.
 
@@ -60,6 +61,9 @@ _DATA, _HEADERS, _PING, _WINDOW_UPDATE = 0x0, 0x1, 0x6, 0x8
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 _MAX_WINDOW = 2**31 - 1
 _PING_ACK_HEADER = _HEADER.pack(0, 8, _PING, 0x1, 0)
+# DATA payloads from this size on are queued for sending as they are (immutable
+# bytes, or views of them), not copied into h2's output buffer first.
+_LARGE_PAYLOAD = 4096
 _CONNECTION_WINDOW_UPDATE_HEADER = _HEADER.pack(0, 4, _WINDOW_UPDATE, 0, 0)
 
 
@@ -151,6 +155,7 @@ def _h2_internals_as_expected():
                 "_receive_data_frame", "_receive_headers_frame", "_receive_window_update_frame",
                 "_receive_ping_frame", "_begin_new_stream", "open_inbound_streams",
                 "_inbound_flow_control_window_manager", "_prepare_for_sending", "MAX_WINDOW_INCREMENT",
+                "data_to_send", "clear_outbound_data_buffer",
                 "_terminate_connection", "_get_or_create_stream", "open_outbound_streams"))
             and all(hasattr(buffer, name) for name in ("_preamble_len", "_headers_buffer"))
             and all(hasattr(stream, name) for name in ("_expected_content_length", "request_method"))
@@ -247,6 +252,7 @@ class FastH2Connection(BoundedH2Connection):
         super().__init__(config, max_header_list_size)
         self._fast = FAST_PATH_ENABLED and _SUPPORTED
         self._partial = b""  # the start of a frame not yet whole
+        self._queued_output = []  # output before h2's buffer (large payloads as they are)
         # Header blocks are framed here only with h2's outbound header checks off
         # (as the proxy configures it; the configuration is not changed later).
         self._fast_headers = self._fast and not (config.validate_outbound_headers
@@ -492,9 +498,32 @@ class FastH2Connection(BoundedH2Connection):
             stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
+        header = _HEADER.pack(size >> 8, size & 0xFF, _DATA, _END_STREAM if end_stream else 0, stream_id)
+        if size >= _LARGE_PAYLOAD and (type(data) is bytes or data.readonly):
+            # h2's buffer so far, then this frame, kept in order until data_to_send()
+            self._queued_output += (self._data_to_send, header, data)
+            self._data_to_send = bytearray()
+            return
         out = self._data_to_send
-        out += _HEADER.pack(size >> 8, size & 0xFF, _DATA, _END_STREAM if end_stream else 0, stream_id)
+        out += header
         out += data
+
+    def data_to_send(self, amount=None):
+        queued = self._queued_output
+        if not queued:
+            return super().data_to_send(amount)
+        queued.append(self._data_to_send)
+        data = b"".join(queued)  # the one copy of a large payload on its way out
+        self._queued_output = []
+        self._data_to_send = bytearray()
+        if amount is None:
+            return data
+        self._data_to_send += data[amount:]
+        return data[:amount]
+
+    def clear_outbound_data_buffer(self):
+        self._queued_output = []
+        super().clear_outbound_data_buffer()
 
     def send_headers(self, stream_id, headers, end_stream=False, priority_weight=None,
                      priority_depends_on=None, priority_exclusive=None):

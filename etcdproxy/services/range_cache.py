@@ -45,8 +45,8 @@ def _varint(n):
 
 
 def split_header(answer):
-    """(ResponseHeader, the other fields' bytes as they are) of an encoded
-    RangeResponse whose header is its first field, as etcd writes it; None for
+    """(ResponseHeader, a view of the other fields' bytes as they are) of an
+    encoded RangeResponse whose header is its first field, as etcd writes it; None for
     any other (then decoded whole). Spares decoding and encoding the kvs of a
     large answer to store it."""
     if answer[:1] != b"\n":
@@ -65,7 +65,7 @@ def split_header(answer):
                 header = rpc_pb2.ResponseHeader.FromString(answer[position:end])
             except DecodeError:
                 return None
-            return header, answer[end:]
+            return header, memoryview(answer)[end:]  # (not copied: the answer is immutable bytes)
     return None
 
 
