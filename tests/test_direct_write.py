@@ -97,6 +97,17 @@ class DirectWriteTests(unittest.TestCase):
         self.assertEqual(out.direct_bytes, len(b"before"))
 
     @defer.inlineCallbacks
+    def test_nothing_is_sent_once_the_connection_is_aborted(self):
+        writer, sink = yield self.connected_pair()
+        out = DirectWriter(writer.transport)
+        out.write(b"before")
+        writer.transport.abortConnection()
+        out.write(b"after")  # Twisted drops it; so must this
+        self.assertEqual(out.direct_bytes, len(b"before"))
+        yield self.until(lambda: not sink.transport.connected)
+        self.assertEqual(bytes(sink.received), b"before")
+
+    @defer.inlineCallbacks
     def test_a_transport_with_tls_started_is_left_to_twisted(self):
         writer, sink = yield self.connected_pair()
         out = DirectWriter(writer.transport)

@@ -167,6 +167,7 @@ def h2_state(conn):
         streams.append((sid, stream.state_machine.state, stream.outbound_flow_control_window,
                         stream._inbound_window_manager.current_window_size, stream.closed_by,
                         stream._authority, stream.request_method, stream.state_machine.client,
+                        stream._expected_content_length, stream._actual_content_length,
                         stream.state_machine.headers_sent, stream.state_machine.trailers_sent,
                         stream.state_machine.headers_received, stream.state_machine.trailers_received))
     return (conn.state_machine.state, conn.outbound_flow_control_window,
@@ -233,17 +234,22 @@ class Counting:
 
     def __init__(self, conn):
         self.count = 0
-        self.lean_header_blocks = 0  # taken without h2's frame handler
+        self.lean_header_blocks = 0  # header blocks taken the short way to the end
         # Each kind of frame cut out goes to its own method (h2's frame handler
         # only for the uncommon cases).
         for name in ("_receive_data_block", "_receive_header_block", "_receive_ping", "_receive_window_update"):
             setattr(conn, name, self._wrap(getattr(conn, name)))
-        lean = conn._stream_received_headers
+        lean, by_h2 = conn._stream_received_headers, conn._stream_headers_by_h2
 
         def counted_lean(*args):
             self.lean_header_blocks += 1
             return lean(*args)
+
+        def counted_by_h2(*args):
+            self.lean_header_blocks -= 1  # handed back to h2's own H2Stream.receive_headers
+            return by_h2(*args)
         conn._stream_received_headers = counted_lean
+        conn._stream_headers_by_h2 = counted_by_h2
 
     def _wrap(self, handler):
         def counted(*args):

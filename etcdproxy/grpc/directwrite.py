@@ -21,7 +21,7 @@ from twisted.internet import tcp
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 _NEEDED = ("writeSomeData", "dataBuffer", "offset", "_tempDataLen", "connected", "disconnecting",
-           "_writeDisconnected", "TLS")
+           "_writeDisconnected", "_aborting", "TLS")
 
 
 def _direct_possible(transport):
@@ -41,8 +41,10 @@ class DirectWriter:
     def _write_direct(self, data):
         transport = self.transport
         # (TLS started on the transport itself encrypts in its write: not here)
+        # (an aborted connection stays "connected" until its connectionLost: Twisted
+        # would drop what is written meanwhile, so it gets it)
         if (transport.connected and not transport.disconnecting and not transport._writeDisconnected
-                and not transport.TLS and not transport._tempDataLen
+                and not transport._aborting and not transport.TLS and not transport._tempDataLen
                 and len(transport.dataBuffer) == transport.offset):
             sent = transport.writeSomeData(data)
             if type(sent) is int and sent > 0:

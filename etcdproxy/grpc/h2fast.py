@@ -448,10 +448,10 @@ class FastH2Connection(BoundedH2Connection):
         if (not self._raw_headers_in or stream.request_method == b"HEAD"
                 or stream._expected_content_length is not None
                 or (machine.headers_received and not end_stream)):
-            return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
+            return self._stream_headers_by_h2(stream, headers, end_stream)
         for name, value in headers:
             if name == b"content-length" or (name == b":status" and value[:1] == b"1"):
-                return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
+                return self._stream_headers_by_h2(stream, headers, end_stream)
         events = machine.process_input(StreamInputs.RECV_HEADERS)
         if end_stream:
             ended = machine.process_input(StreamInputs.RECV_END_STREAM)
@@ -459,6 +459,9 @@ class FastH2Connection(BoundedH2Connection):
             events += ended
         events[0].headers = list(headers)
         return events
+
+    def _stream_headers_by_h2(self, stream, headers, end_stream):
+        return stream.receive_headers(headers, end_stream, self.config.header_encoding)[1]
 
     def update_settings(self, new_settings):
         # h2 applies a new local MAX_FRAME_SIZE (once acknowledged) from the next
@@ -499,7 +502,7 @@ class FastH2Connection(BoundedH2Connection):
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
         header = _HEADER.pack(size >> 8, size & 0xFF, _DATA, _END_STREAM if end_stream else 0, stream_id)
-        if size >= _LARGE_PAYLOAD and (type(data) is bytes or data.readonly):
+        if size >= _LARGE_PAYLOAD and (type(data) is bytes or type(data.obj) is bytes):
             # h2's buffer so far, then this frame, kept in order until data_to_send()
             self._queued_output += (self._data_to_send, header, data)
             self._data_to_send = bytearray()
