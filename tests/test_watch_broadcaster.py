@@ -73,6 +73,21 @@ class WatchSemanticsTests(GrpcioTestCase):
     def gauge(self):
         return self.etcd.metric(GAUGE)
 
+    def settled_gauge(self, quiet=0.5, timeout=10.0):
+        """The gauge once it has not moved for ``quiet`` seconds: watchers of
+        earlier tests (their streams and the twins' direct ones) leave etcd
+        after their test has ended."""
+        deadline = time.monotonic() + timeout
+        value, since = self.gauge(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            now = self.gauge()
+            if now != value:
+                value, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                break
+        return value
+
     def test_filters_prev_kv_and_watch_ids(self):
         key = self.key("k")
         twin = Twin(self)
@@ -137,7 +152,7 @@ class WatchSemanticsTests(GrpcioTestCase):
 
     def test_catch_up_merges_into_the_shared_watcher(self):
         key = self.key("k")
-        before = self.gauge()
+        before = self.settled_gauge()
         live = self.stream(self.p.watch.Watch)
         live.send(create(key))
         self.assertTrue(live.recv().created)
@@ -220,7 +235,7 @@ class WatchSemanticsTests(GrpcioTestCase):
 
     def test_shared_watcher_leaves_etcd_with_its_last_client(self):
         key = self.key("k")
-        before = self.gauge()
+        before = self.settled_gauge()
         streams = []
         for _ in range(5):
             s = self.stream(self.p.watch.Watch)
