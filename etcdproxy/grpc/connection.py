@@ -139,6 +139,8 @@ class H2Protocol(Protocol):
         self._writer.write(self.conn.data_to_send())
 
     def dataReceived(self, data):
+        if self._ending is not None:
+            return  # ended: what the peer still sends is read and dropped (see end_connection)
         batch = self._batch
         batch.enter()
         self.schedule_flush(None)
@@ -303,7 +305,16 @@ class H2Protocol(Protocol):
             return
         if error_code is not None and self.conn.state_machine.state != ConnectionState.CLOSED:
             self.conn.close_connection(error_code, reason)
-        self.close_after_writing()
+        self._write_out()
+        # Only our side is closed: closing a socket whose peer is still sending
+        # (a flood) resets it, and the reset can destroy the GOAWAY before the peer
+        # reads it. What it still sends is read and dropped until it closes too,
+        # or END_GRACE runs out. (TLS transports have no half-close.)
+        lose_write = getattr(self.transport, "loseWriteConnection", None)
+        if lose_write is not None:
+            lose_write()
+        else:
+            self.transport.loseConnection()
         self._ending = self.reactor.callLater(END_GRACE, self.transport.abortConnection)
         self._end_streams(Failure(ConnectionDone("connection ended by the proxy")))
 
