@@ -67,37 +67,17 @@ _LARGE_PAYLOAD = 4096
 _CONNECTION_WINDOW_UPDATE_HEADER = _HEADER.pack(0, 4, _WINDOW_UPDATE, 0, 0)
 
 
-def _quiet_connection_states():
-    """The connection states in which h2 sends HEADERS and DATA without a
+def _quiet_states(*connection_inputs):
+    """The connection states in which h2 takes each of these inputs without a
     transition or an event (its connection state machine changes nothing)."""
     table = H2ConnectionStateMachine._transitions
     return tuple(state for state in ConnectionState
-                 if table.get((state, ConnectionInputs.SEND_DATA)) == (None, state)
-                 and table.get((state, ConnectionInputs.SEND_HEADERS)) == (None, state))
+                 if all(table.get((state, i)) == (None, state) for i in connection_inputs))
 
 
-_QUIET_CONNECTION_STATES = _quiet_connection_states()
-
-
-def _quiet_receiving_states():
-    """The connection states in which h2 receives HEADERS and DATA without a
-    transition or an event."""
-    table = H2ConnectionStateMachine._transitions
-    return tuple(state for state in ConnectionState
-                 if table.get((state, ConnectionInputs.RECV_HEADERS)) == (None, state)
-                 and table.get((state, ConnectionInputs.RECV_DATA)) == (None, state))
-
-
-_QUIET_RECEIVING_STATES = _quiet_receiving_states()
-
-
-def _quiet_states(connection_input):
-    """The connection states in which h2 takes this input without a transition
-    or an event."""
-    table = H2ConnectionStateMachine._transitions
-    return tuple(state for state in ConnectionState if table.get((state, connection_input)) == (None, state))
-
-
+# Where HEADERS and DATA are sent, received, PINGs answered, windows opened quietly.
+_QUIET_CONNECTION_STATES = _quiet_states(ConnectionInputs.SEND_DATA, ConnectionInputs.SEND_HEADERS)
+_QUIET_RECEIVING_STATES = _quiet_states(ConnectionInputs.RECV_HEADERS, ConnectionInputs.RECV_DATA)
 _QUIET_PING_STATES = _quiet_states(ConnectionInputs.RECV_PING)
 _QUIET_WINDOW_STATES = _quiet_states(ConnectionInputs.SEND_WINDOW_UPDATE)
 
