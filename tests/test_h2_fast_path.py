@@ -162,8 +162,15 @@ def event_fields(event):
 
 
 def h2_state(conn):
+    # A closed stream h2 still holds and one it has moved to _closed_streams
+    # (which it does lazily, when it next counts open streams) are the same to
+    # h2 (its _stream_closed_by reads either); compared as the latter.
+    closed = dict(conn._closed_streams)
     streams = []
     for sid, stream in sorted(conn.streams.items()):
+        if stream.closed:
+            closed[sid] = stream.closed_by
+            continue
         streams.append((sid, stream.state_machine.state, stream.outbound_flow_control_window,
                         stream._inbound_window_manager.current_window_size, stream.closed_by,
                         stream._authority, stream.request_method, stream.state_machine.client,
@@ -173,7 +180,7 @@ def h2_state(conn):
     return (conn.state_machine.state, conn.outbound_flow_control_window,
             conn._inbound_flow_control_window_manager.current_window_size,
             conn.highest_inbound_stream_id, conn.highest_outbound_stream_id,
-            sorted(conn._closed_streams.items()), streams, conn.max_outbound_frame_size,
+            sorted(closed.items()), streams, conn.max_outbound_frame_size,
             len(conn.encoder.header_table.dynamic_entries), len(conn.decoder.header_table.dynamic_entries))
 
 

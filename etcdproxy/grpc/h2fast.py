@@ -44,7 +44,6 @@ from h2.events import PingAckReceived, PingReceived
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
 from h2.stream import StreamInputs, StreamState, _transitions as _stream_transitions
-from h2.utilities import authority_from_headers, extract_method_header, is_informational_response
 
 from etcdproxy.grpc.h2connection import BoundedH2Connection, _RECEIVE_FRAME_AS_EXPECTED
 
@@ -296,46 +295,41 @@ class FastH2Connection(BoundedH2Connection):
                 end = position + 9 + length
                 if end > size:
                     break
-                frame = None
                 stream_id &= 0x7FFFFFFF
+                # The frames taken here: DATA unpadded, HEADERS a whole block
+                # without padding or priority, PING and WINDOW_UPDATE valid ones.
                 if kind == _DATA:
-                    names = _DATA_FLAGS.get(flags)
-                    if names is not None and stream_id:
-                        frame = _DataFrame(stream_id, data[position + 9:end], names)
+                    fast = stream_id and flags <= _END_STREAM
                 elif kind == _HEADERS:
-                    names = _HEADERS_FLAGS.get(flags)
-                    if names is not None and stream_id:
-                        frame = _HeadersFrame(stream_id, data[position + 9:end], names)
-                elif kind == _PING and length == 8 and not stream_id:
-                    names = _PING_FLAGS.get(flags)
-                    if names is not None:
-                        frame = _PingFrame(names, data[position + 9:end])
+                    fast = stream_id and (flags == _END_HEADERS or flags == _END_HEADERS | _END_STREAM)
+                elif kind == _PING:
+                    fast = length == 8 and not stream_id and flags <= 0x1
                 elif kind == _WINDOW_UPDATE and length == 4:
                     increment = int.from_bytes(data[position + 9:end], "big")
-                    if 1 <= increment <= _MAX_WINDOW:
-                        frame = _WindowUpdateFrame(stream_id, increment)
-                if frame is not None and slow is not None:
+                    fast = 1 <= increment <= _MAX_WINDOW
+                else:
+                    fast = False
+                if fast and slow is not None:
                     # h2 takes the frames before this one first.
                     events.extend(super().receive_data(data[slow:position]))
                     slow = None
-                if frame is None or buffer._headers_buffer:
+                if not fast or buffer._headers_buffer:
                     # For h2 (inside a header block, any frame but CONTINUATION is h2's error).
                     if slow is None:
                         slow = position
                     position = end
                     continue
+                start = position + 9
                 position = end
                 try:
                     if kind == _DATA:
-                        events.extend(self._receive_data_block(frame))
+                        events.extend(self._receive_data_block(stream_id, data[start:end], flags))
                     elif kind == _HEADERS:
-                        events.extend(self._receive_header_block(frame))
+                        events.extend(self._receive_header_block(stream_id, data[start:end], flags))
                     elif kind == _PING:
-                        events.extend(self._receive_ping(frame))
-                    elif kind == _WINDOW_UPDATE:
-                        events.extend(self._receive_window_update(frame))
+                        events.extend(self._receive_ping(data[start:end], flags))
                     else:
-                        events.extend(self._receive_frame(frame))
+                        events.extend(self._receive_window_update(stream_id, increment))
                 except ProtocolError as e:
                     self._terminate_connection(e.error_code)  # as h2's receive_data does
                     raise
@@ -359,65 +353,75 @@ class FastH2Connection(BoundedH2Connection):
                 self._partial = data[position:]
         return events
 
-    def _receive_data_block(self, frame):
+    def _receive_data_block(self, sid, data, flags):
         """An unpadded DATA frame, as h2's ``_receive_frame`` takes it; on a
         stream open for it, the short way (h2's own window and stream
         handling, without its generic frame handler)."""
-        stream = self.streams.get(frame.stream_id)
+        stream = self.streams.get(sid)
         if (stream is None or self.state_machine.state not in _QUIET_RECEIVING_STATES
                 or not (stream.state_machine.state is StreamState.OPEN
                         or stream.state_machine.state is StreamState.HALF_CLOSED_LOCAL)):
-            return self._receive_frame(frame)
-        length = frame.flow_controlled_length
+            return self._receive_frame(_DataFrame(sid, data, _DATA_FLAGS[flags]))
+        length = len(data)
         self._inbound_flow_control_window_manager.window_consumed(length)
-        return stream.receive_data(frame.data, "END_STREAM" in frame.flags, length)[1]
+        return stream.receive_data(data, flags == _END_STREAM, length)[1]
 
-    def _receive_ping(self, frame):
+    def _receive_ping(self, data, flags):
         """A PING, answered as h2 answers it (h2's ACK frame, written as bytes)."""
         if self.state_machine.state not in _QUIET_PING_STATES:
-            return self._receive_frame(frame)
-        data = frame.opaque_data
-        if "ACK" in frame.flags:
+            return self._receive_frame(_PingFrame(_PING_FLAGS[flags], data))
+        if flags:
             return [_ping_ack_received(data)]
         self._data_to_send += _PING_ACK_HEADER + data
         return [_ping_received(data)]
 
-    def _receive_window_update(self, frame):
+    def _receive_window_update(self, sid, increment):
         """A WINDOW_UPDATE for the connection or a stream h2 holds: h2's own
         handler, without its generic frame handler (whose error handling is
         for streams h2 no longer holds)."""
-        if frame.stream_id and frame.stream_id not in self.streams:
+        frame = _WindowUpdateFrame(sid, increment)
+        if sid and sid not in self.streams:
             return self._receive_frame(frame)
         frames, events = self._receive_window_update_frame(frame)
         if frames:
             self._prepare_for_sending(frames)
         return events
 
-    def _receive_header_block(self, frame):
+    def _receive_header_block(self, sid, block, flags):
         """A whole header block (no padding or priority), as h2's
         ``_receive_frame`` takes it, the common cases the short way: a new
         stream the peer may open here, or headers and trailers on a stream of
         ours that expects them. The steps that could fail, or do more than
         these cases need, are h2's own; anything else goes to h2 whole."""
-        sid = frame.stream_id
         stream = self.streams.get(sid)
         if self.state_machine.state not in _QUIET_RECEIVING_STATES:
-            return self._receive_frame(frame)
+            return self._receive_frame(_HeadersFrame(sid, block, _HEADERS_FLAGS[flags]))
         if stream is None:
             # A new stream: one h2 would open (right parity, above the highest
             # id) within the concurrency limit (past it, h2's refusal).
             if (not self._server_side or not sid & 1 or sid <= self.highest_inbound_stream_id
-                    or self.open_inbound_streams + 1 > self.local_settings.max_concurrent_streams):
-                return self._receive_frame(frame)
-            headers = _decode_headers(self.decoder, frame.data)
+                    or self._over_stream_limit(self.local_settings.max_concurrent_streams, outbound=False)):
+                return self._receive_frame(_HeadersFrame(sid, block, _HEADERS_FLAGS[flags]))
+            headers = _decode_headers(self.decoder, block)
             stream = self._begin_new_stream(sid, AllowedStreamIDs.ODD)
         else:
             state = stream.state_machine.state
             if not (state is StreamState.OPEN or state is StreamState.HALF_CLOSED_LOCAL):
-                return self._receive_frame(frame)
-            headers = _decode_headers(self.decoder, frame.data)
-        end_stream = "END_STREAM" in frame.flags
-        return self._stream_received_headers(stream, headers, end_stream)
+                return self._receive_frame(_HeadersFrame(sid, block, _HEADERS_FLAGS[flags]))
+            headers = _decode_headers(self.decoder, block)
+        return self._stream_received_headers(stream, headers, flags == _END_HEADERS | _END_STREAM)
+
+    def _over_stream_limit(self, limit, outbound):
+        """Whether one more stream would pass ``limit`` open streams (h2's
+        ``open_outbound_streams`` / ``open_inbound_streams`` + 1 > limit). The
+        table holds at least the open streams, so while it is short of the
+        limit, and of the size at which `BoundedH2Connection` walks it (and
+        forgets the closed ones), the answer is no without counting."""
+        size = len(self.streams)
+        if size < limit and size < self._walk_at:
+            return False
+        open_streams = self.open_outbound_streams if outbound else self.open_inbound_streams
+        return open_streams + 1 > limit
 
     def _stream_received_headers(self, stream, headers, end_stream):
         """h2's ``H2Stream.receive_headers`` for a block with neither a 1xx
@@ -519,19 +523,36 @@ class FastH2Connection(BoundedH2Connection):
             return super().send_headers(stream_id, headers, end_stream)  # h2 fails on an empty block
         if not 0 < stream_id <= _MAX_WINDOW:
             return super().send_headers(stream_id, headers, end_stream)
+        # One pass for what h2 reads of the list in as many: that every header
+        # is a pair of bytes, and h2's is_informational_response,
+        # extract_method_header and authority_from_headers.
+        informational = method = authority = None
         for header in headers:
-            if (type(header) is not tuple or len(header) != 2
-                    or type(header[0]) is not bytes or type(header[1]) is not bytes):
+            if type(header) is not tuple or len(header) != 2:
                 return super().send_headers(stream_id, headers, end_stream)
+            name, value = header
+            if type(name) is not bytes or type(value) is not bytes:
+                return super().send_headers(stream_id, headers, end_stream)
+            if name[:1] == b":":
+                if name == b":method":
+                    if method is None:
+                        method = value
+                elif name == b":authority":
+                    if authority is None:
+                        authority = value
+                elif name == b":status" and informational is None:
+                    informational = value[:1] == b"1"
+            elif informational is None:
+                informational = False  # h2 looks no further than the pseudo-headers
         stream = self.streams.get(stream_id)
         if stream is None:
-            if self.open_outbound_streams + 1 > self.remote_settings.max_concurrent_streams:
+            if self._over_stream_limit(self.remote_settings.max_concurrent_streams, outbound=True):
                 return super().send_headers(stream_id, headers, end_stream)  # h2's refusal
             # h2's connection state machine does nothing here; h2 then opens the stream.
             stream = self._get_or_create_stream(stream_id, AllowedStreamIDs(not self._server_side))
         # h2's H2Stream.send_headers, less the header validation (off) and its no-op log.
         machine = stream.state_machine
-        if not machine.client and is_informational_response(headers):
+        if informational and not machine.client:
             return super().send_headers(stream_id, headers, end_stream)
         machine.process_input(StreamInputs.SEND_HEADERS)
         block = self.encoder.encode(headers)
@@ -540,8 +561,8 @@ class FastH2Connection(BoundedH2Connection):
         if machine.trailers_sent and not end_stream:
             raise ProtocolError("Trailers must have END_STREAM set.")
         if machine.client and stream._authority is None:
-            stream._authority = authority_from_headers(headers)
-        stream.request_method = extract_method_header(headers)
+            stream._authority = authority
+        stream.request_method = method
         out = self._data_to_send
         limit = stream.max_outbound_frame_size
         first = _END_STREAM if end_stream else 0
