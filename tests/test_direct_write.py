@@ -82,6 +82,20 @@ class DirectWriteTests(unittest.TestCase):
         self.assertTrue(bytes(sink.received) == b"".join(chunks), "bytes out of order or changed")
 
     @defer.inlineCallbacks
+    def test_a_write_over_twisteds_send_limit_goes_to_its_buffer_whole(self):
+        writer, sink = yield self.connected_pair()
+        out = DirectWriter(writer.transport)
+        limit = writer.transport.SEND_LIMIT
+        large = bytes(range(256)) * (3 * limit // 256) + b"end"
+        out.write(b"small")
+        out.write(large)  # the object itself waits in Twisted's buffer (no copy of a rest)
+        self.assertIs(writer.transport._tempDataBuffer[-1], large)
+        out.write(b"after")  # behind it, in order
+        self.assertEqual(out.direct_bytes, len(b"small"))
+        yield self.until(lambda: len(sink.received) >= len(large) + 10)
+        self.assertTrue(bytes(sink.received) == b"small" + large + b"after", "bytes out of order or changed")
+
+    @defer.inlineCallbacks
     def test_a_closing_connection_is_left_to_twisted(self):
         writer, sink = yield self.connected_pair()
         out = DirectWriter(writer.transport)

@@ -13,6 +13,11 @@ def encode_message(payload):
     return _PREFIX.pack(0, len(payload)) + payload
 
 
+def message_prefix(length):
+    """The prefix of an uncompressed message of ``length`` bytes."""
+    return _PREFIX.pack(0, length)
+
+
 class MessageDecoder:
     """Splits a byte stream into messages.
 

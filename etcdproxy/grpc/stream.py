@@ -7,15 +7,21 @@
   the end (a status, a half-close) is;
 - outbound, messages wait in the stream's queue for the peer's window; past a high
   watermark the queue pauses its registered producer (the other side of the proxy)
-  and resumes it once drained, as in Twisted's producer/consumer model.
+  and resumes it once drained, as in Twisted's producer/consumer model. A large
+  message is queued as its 5-byte prefix and the payload object itself, and its
+  DATA frames are views of that object: it is copied once, on its way out of h2
+  (`etcdproxy.grpc.h2fast`), not also into a prefixed copy here.
 """
 
 from h2.exceptions import ProtocolError, StreamClosedError
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-from etcdproxy.grpc.framing import MessageDecoder, encode_message
+from etcdproxy.grpc.framing import PREFIX_SIZE, MessageDecoder, encode_message, message_prefix
 from etcdproxy.grpc.status import GRPCError
+
+# Payloads from this size on are queued as they are, behind a prefix of their own.
+SEPARATE_PAYLOAD = 64 * 1024
 
 
 @implementer(IPushProducer)
@@ -32,8 +38,9 @@ class MessageStream:
         self.stream_id = stream_id
         self.limits = limits
         self.decoder = MessageDecoder(limits.max_receive_message, encoding)
-        self._out = []
+        self._out = []  # pieces of the queued messages (whole ones, or a prefix and a large payload)
         self._out_size = 0
+        self._out_large = False  # _out holds a large payload as it is
         self._head_tail = 0  # unsent bytes of a message partly sent, at the head of _out
         self._end = None  # callable that sends what ends our side, after the queue
         self._end_stream = False  # END_STREAM on the last queued DATA frame
@@ -60,9 +67,14 @@ class MessageStream:
     def queue_message(self, payload):
         if self.closed or self._sending_stopped:
             return
-        frame = encode_message(payload)
-        self._out.append(frame)
-        self._out_size += len(frame)
+        if len(payload) < SEPARATE_PAYLOAD:
+            self._out.append(encode_message(payload))
+        else:
+            if type(payload) is not bytes and not (type(payload) is memoryview and type(payload.obj) is bytes):
+                payload = bytes(payload)  # kept as it is only when it cannot change
+            self._out += (message_prefix(len(payload)), payload)
+            self._out_large = True
+        self._out_size += PREFIX_SIZE + len(payload)
         if (
             self._producer is not None
             and not self._producer_paused
@@ -96,25 +108,34 @@ class MessageStream:
                 self.protocol.stream_blocked(self)
                 return
             frame_size = conn.max_outbound_frame_size
-            data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-            n = min(window, len(data))
-            if n > frame_size:
-                # A large message goes out in views of it, not copies, and what
-                # the window holds back stays a view (copied once, into h2's buffer).
-                data = memoryview(data)
+            out, total = self._out, self._out_size
+            n = min(window, total)
             self.blocked_since = None
-            last = n == len(data) and self._end_stream
-            for start in range(0, n, frame_size):
-                end = min(n, start + frame_size)
-                conn.send_data(self.stream_id, data[start:end], end_stream=last and end == n)
-            rest = data[n:]
+            last = n == total and self._end_stream
+            if self._out_large:
+                # Frames cut from the pieces: views of a large payload, small
+                # pieces joined (a frame's worth at most).
+                sent, rest = _split(out, n)
+                frames = _frames(sent, frame_size)
+            else:
+                data = out[0] if len(out) == 1 else b"".join(out)
+                if n > frame_size:
+                    # A long queue goes out in views of it, and what the window
+                    # holds back stays a view (copied once, into h2's buffer).
+                    data = memoryview(data)
+                frames = [data[start:min(n, start + frame_size)] for start in range(0, n, frame_size)]
+                rest = [data[n:]] if n < total else []
+            for frame in frames[:-1]:
+                conn.send_data(self.stream_id, frame)
+            conn.send_data(self.stream_id, frames[-1], end_stream=last)
             if rest:
                 self.protocol.stream_blocked(self)
-                self._head_tail = _tail_after(data, self._head_tail, n)
+                self._head_tail = _tail_after(out, self._head_tail, n)
             else:
                 self._head_tail = 0
-            self._out = [rest] if rest else []
-            self._out_size = len(rest)
+                self._out_large = False
+            self._out = rest
+            self._out_size = total - n
             if (
                 self._producer_paused
                 and self._out_size <= self.limits.stream_high_watermark // 2
@@ -142,6 +163,7 @@ class MessageStream:
         self._sending_stopped = True
         self._out = []
         self._out_size = 0
+        self._out_large = False
         self._end = None
         self._end_stream = False
 
@@ -157,8 +179,7 @@ class MessageStream:
         """Drops the queued messages not yet begun; the rest of one partly
         sent still goes, so that the peer can read what comes after it."""
         if self._out:
-            data = b"".join(self._out)
-            self._out = [data[:self._head_tail]] if self._head_tail else []
+            self._out = _split(self._out, self._head_tail)[0]
             self._out_size = self._head_tail
 
     # -- inbound ----------------------------------------------------------------
@@ -239,16 +260,72 @@ class MessageStream:
         self.decoder.release()
         self._out = []
         self._out_size = 0
+        self._out_large = False
         self._held = []
         self._end_held = False
         self._end = None
         self._producer = None
 
 
-def _tail_after(data, head_tail, sent):
-    """How many bytes of the message cut at ``sent`` remain in ``data`` (gRPC
-    frames, the first ``head_tail`` bytes being the end of an earlier one)."""
-    position = head_tail
+def _split(pieces, n):
+    """The first ``n`` bytes of ``pieces`` and the rest, as two lists of
+    pieces (a piece cut in two becomes two views of it)."""
+    head = []
+    for index, piece in enumerate(pieces):
+        size = len(piece)
+        if n >= size:
+            head.append(piece)
+            n -= size
+            if n == 0:
+                return head, pieces[index + 1:]
+            continue
+        if n == 0:
+            return head, pieces[index:]
+        view = memoryview(piece)
+        head.append(view[:n])
+        return head, [view[n:], *pieces[index + 1:]]
+    return head, []
+
+
+def _frames(pieces, frame_size):
+    """The bytes of ``pieces`` as DATA payloads of at most ``frame_size``:
+    views of the pieces where a frame lies within one, joined parts where
+    it spans several."""
+    frames, parts, room = [], [], frame_size
+    for piece in pieces:
+        view, start, size = None, 0, len(piece)
+        while start < size:
+            take = min(room, size - start)
+            if take == size:
+                parts.append(piece)
+            else:
+                if view is None:
+                    view = memoryview(piece)
+                parts.append(view[start:start + take])
+            start += take
+            room -= take
+            if not room:
+                frames.append(parts[0] if len(parts) == 1 else b"".join(parts))
+                parts, room = [], frame_size
+    if parts:
+        frames.append(parts[0] if len(parts) == 1 else b"".join(parts))
+    return frames
+
+
+def _tail_after(pieces, head_tail, sent):
+    """How many bytes of the message cut at ``sent`` remain in ``pieces`` (gRPC
+    messages, the first ``head_tail`` bytes being the end of an earlier one)."""
+    position = head_tail  # where the next message begins
+    index, start = 0, 0  # the piece holding ``position``, and where it begins
     while position < sent:
-        position += 5 + int.from_bytes(data[position + 1:position + 5], "big")
+        while start + len(pieces[index]) <= position:
+            start += len(pieces[index])
+            index += 1
+        offset = position - start
+        prefix = bytes(pieces[index][offset:offset + PREFIX_SIZE])
+        following = index + 1
+        while len(prefix) < PREFIX_SIZE:  # a prefix across pieces
+            prefix += bytes(pieces[following][:PREFIX_SIZE - len(prefix)])
+            following += 1
+        position += PREFIX_SIZE + int.from_bytes(prefix[1:5], "big")
     return position - sent
