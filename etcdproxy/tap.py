@@ -9,6 +9,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.python import usage
 
+from etcdproxy.collector import tune_for_serving
 from etcdproxy.services.watch_responses import DEFAULT_FRAGMENT_SIZE
 from etcdproxy.tls import TLS_VERSIONS, ClientTLS, ReloadableServerTLS, ServerTLSOptions, self_signed
 from etcdproxy.upstream.endpoints import parse_endpoints, read_endpoints_text
@@ -277,6 +278,10 @@ class ProxyService(service.MultiService):
     """The proxy's service tree. Children stop one after another, the last
     added first: the gRPC server drains (unary calls in flight finish, streams
     end with UNAVAILABLE) before the upstream connections they use close."""
+
+    def startService(self):
+        super().startService()
+        tune_for_serving()  # what startup made is there for good
 
     @defer.inlineCallbacks
     def stopService(self):

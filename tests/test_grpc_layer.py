@@ -2,6 +2,7 @@
 etcdproxy.grpc.server, called through grpcio (in a thread) and through
 etcdproxy.grpc.client."""
 
+import gc
 import gzip
 import threading
 
@@ -115,6 +116,42 @@ class ToyHandler:
         # A call that would never end by itself ends when the server drains.
         if self.kind == b"Hang":
             self.call.finish(StatusCode.UNAVAILABLE, "draining")
+
+
+@implementer(ICallHandler, IClientCallListener)
+class RelayHandler:
+    """Each call relayed to ``channel`` (as etcdproxy.services.forward does)."""
+
+    def __init__(self, channel):
+        self.channel = channel
+
+    def call_started(self, call):
+        self.call = call
+        self.upstream = self.channel.start_call(call.method, call.metadata, self, timeout=5)
+
+    def request_received(self, message):
+        self.upstream.send_message(message)
+
+    def half_closed(self):
+        self.upstream.end()
+
+    def call_cancelled(self, error):
+        self.upstream.cancel()
+
+    def call_draining(self):
+        pass
+
+    def headers_received(self, metadata):
+        self.call.send_headers(metadata)
+
+    def response_received(self, message):
+        self.call.send_message(message)
+
+    def call_finished(self, error, metadata):
+        if error is None:
+            self.call.finish(StatusCode.OK, "", metadata)
+        else:
+            self.call.finish(error.code, error.message, error.metadata)
 
 
 class ToyService:
@@ -322,6 +359,32 @@ class ChannelTests(ServerTestMixin, unittest.TestCase):
         out = yield self.channel.unary_call(b"/test.Toy/Unary", b"abc", [(b"x-custom", b"z")], timeout=5)
         self.assertEqual(out, b"cba")
         self.assertEqual(dict(self.service.handlers[0].metadata)[b"x-custom"], b"z")
+
+    @defer.inlineCallbacks
+    def test_calls_that_ended_leave_no_cycles_to_collect(self):
+        # A relaying handler in front of the toy server, as the proxy's: a
+        # server call, its handler and the handler's upstream call, each
+        # holding the next. Once the calls are over they are freed as they go.
+        relay_factory = GRPCServerFactory(lambda path: RelayHandler(self.channel), reactor, Limits())
+        relay_port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(relay_factory)
+        self.addCleanup(relay_port.stopListening)
+        client = Channel(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port.getHost().port),
+                         b"relay", Limits())
+        self.addCleanup(client.close)
+        yield client.unary_call(b"/test.Toy/Unary", b"warm", timeout=5)
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        self.addCleanup(gc.set_debug, 0)
+        for i in range(20):
+            out = yield client.unary_call(b"/test.Toy/Unary", b"abc%d" % i, timeout=5)
+            self.assertEqual(out, (b"abc%d" % i)[::-1])
+        yield task.deferLater(reactor, 0.05, lambda: None)  # the last writes and stream ends
+        gc.collect()
+        in_cycles = {type(o).__name__ for o in gc.garbage} & {"ServerCall", "ClientCall", "RelayHandler"}
+        del gc.garbage[:]
+        self.assertEqual(in_cycles, set())
 
     @defer.inlineCallbacks
     def test_unary_error(self):

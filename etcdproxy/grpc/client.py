@@ -50,6 +50,23 @@ class IClientCallListener(Interface):
         ``metadata`` is the trailing application metadata."""
 
 
+@implementer(IClientCallListener)
+class _Finished:
+    """The listener of a call that is over (see `etcdproxy.grpc.server._Ended`)."""
+
+    def headers_received(self, metadata):
+        pass
+
+    def response_received(self, message):
+        pass
+
+    def call_finished(self, error, metadata):
+        pass
+
+
+_FINISHED = _Finished()
+
+
 class ClientCall(MessageStream):
     """One outgoing call. Messages sent before the connection is up are queued."""
 
@@ -107,6 +124,7 @@ class ClientCall(MessageStream):
         else:
             self.channel.forget_waiting(self)
         self.close()
+        self.listener = _FINISHED
 
     # -- events -----------------------------------------------------------------
 
@@ -201,7 +219,8 @@ class ClientCall(MessageStream):
         self._finished = True
         self._cancel_timer()
         self.close()
-        self.listener.call_finished(error, metadata)
+        listener, self.listener = self.listener, _FINISHED
+        listener.call_finished(error, metadata)
 
     def _cancel_timer(self):
         if self._timer is not None:

@@ -9,7 +9,7 @@ from hyperframe.frame import GoAwayFrame
 from twisted.internet import defer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from zope.interface import Interface
+from zope.interface import Interface, implementer
 
 from h2.errors import ErrorCodes
 from h2.exceptions import StreamClosedError
@@ -56,6 +56,32 @@ class ICallObserver(Interface):
     def call_ended(method, code, seconds):
         """It ended with status ``code`` after ``seconds`` (CANCELLED when the
         client reset it or went away)."""
+
+
+@implementer(ICallHandler)
+class _Ended:
+    """The handler of a call that is over: nothing is told to it any more, and
+    the call no longer keeps its handler (nor the handler's references back to
+    the call) alive: without cycles, refcounting frees a call's objects at once,
+    not the garbage collector later (about a tenth of a cached Range's CPU)."""
+
+    def call_started(self, call):
+        pass
+
+    def request_received(self, message):
+        pass
+
+    def half_closed(self):
+        pass
+
+    def call_cancelled(self, error):
+        pass
+
+    def call_draining(self):
+        pass
+
+
+_ENDED = _Ended()
 
 
 class ServerCall(MessageStream):
@@ -149,6 +175,7 @@ class ServerCall(MessageStream):
             # The client may still be sending; tell it to stop (gRPC spec).
             self.protocol.reset_stream(self.stream_id, ErrorCodes.NO_ERROR)
         self.protocol.stream_done(self)
+        self.handler = _ENDED  # it was told of the end when finishing
 
     def _end_abruptly(self, error):
         """The stream is gone (reset, connection lost): only the handler is told."""
@@ -160,6 +187,7 @@ class ServerCall(MessageStream):
         if not self._ended:
             self._ended = True
             self._invoke(self.handler.call_cancelled, error)
+        self.handler = _ENDED
 
     def draining(self):
         if not self._ended:
