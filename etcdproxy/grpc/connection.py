@@ -324,12 +324,14 @@ class H2Protocol(Protocol):
             self.conn.reset_stream(stream_id, error_code)
         except (StreamClosedError, ProtocolError):
             pass
+        self.conn.forget_closed_stream(stream_id)
         self.schedule_flush(None)
 
     def stream_done(self, stream):
         """Forgets a stream whose both sides are closed."""
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
+        self.conn.forget_closed_stream(stream.stream_id)
         stream.close()
 
     def connectionLost(self, reason):

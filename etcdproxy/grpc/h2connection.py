@@ -180,6 +180,16 @@ class BoundedH2Connection(H2Connection):
         reset.error_code = ErrorCodes.REFUSED_STREAM
         return [reset], events + [StreamRefused(frame.stream_id)]
 
+    def forget_closed_stream(self, stream_id):
+        """Moves a closed stream out of the stream table into h2's record of
+        how streams ended, as h2 does for every closed stream it meets when it
+        counts open streams: here one stream when it is done, not the table's
+        pile of closed ones at the next walk."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.closed:
+            del self.streams[stream_id]
+            self._closed_streams[stream_id] = stream.closed_by
+
     def _open_streams(self, remainder):
         outbound = remainder == (1 if self.config.client_side else 0)
         highest = self.highest_outbound_stream_id if outbound else self.highest_inbound_stream_id
