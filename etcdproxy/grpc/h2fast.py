@@ -81,6 +81,33 @@ _QUIET_PING_STATES = _quiet_states(ConnectionInputs.RECV_PING)
 _QUIET_WINDOW_STATES = _quiet_states(ConnectionInputs.SEND_WINDOW_UPDATE)
 
 
+# h2's stream transitions, keyed by the two enums' integer values: h2's own
+# process_input looks them up by an (enum, enum) tuple, whose hashing runs two
+# calls of Python code (Enum.__hash__) per transition, a dozen a proxied call.
+_TRANSITIONS = {(state.value, input_.value): entry for (state, input_), entry in _stream_transitions.items()}
+
+
+def _step(machine, input_):
+    """h2's ``H2StreamStateMachine.process_input(input_)``: the same transition
+    function and target state, and the same handling of its errors."""
+    previous = machine.state
+    entry = _TRANSITIONS.get((previous._value_, input_._value_))
+    if entry is None:
+        return machine.process_input(input_)  # h2's refusal
+    func, target = entry
+    machine.state = target
+    if func is None:
+        return []
+    try:
+        return func(machine, previous)
+    except ProtocolError:
+        machine.state = StreamState.CLOSED
+        raise
+    except AssertionError as e:
+        machine.state = StreamState.CLOSED
+        raise ProtocolError(e) from e
+
+
 def _ping_event_maker(cls):
     """A function making h2's ``cls`` event (PingReceived, PingAckReceived) for
     some opaque data: h2 4.3 and later build them with keywords, earlier h2
@@ -137,7 +164,10 @@ def _h2_internals_as_expected():
                 "data_to_send", "clear_outbound_data_buffer",
                 "_terminate_connection", "_get_or_create_stream", "open_outbound_streams"))
             and all(hasattr(buffer, name) for name in ("_preamble_len", "_headers_buffer"))
-            and all(hasattr(stream, name) for name in ("_expected_content_length", "request_method"))
+            and all(hasattr(stream, name) for name in (
+                "_expected_content_length", "_actual_content_length", "_track_content_length",
+                "_inbound_window_manager", "request_method"))
+            and all(type(getattr(member, "_value_", None)) is int for member in (*StreamState, *StreamInputs))
             and all(hasattr(stream.state_machine, name) for name in ("headers_received", "state")))
 
 
@@ -364,7 +394,23 @@ class FastH2Connection(BoundedH2Connection):
             return self._receive_frame(_DataFrame(sid, data, _DATA_FLAGS[flags]))
         length = len(data)
         self._inbound_flow_control_window_manager.window_consumed(length)
-        return stream.receive_data(data, flags == _END_STREAM, length)[1]
+        # h2's H2Stream.receive_data, less its no-op log.
+        end_stream = flags == _END_STREAM
+        machine = stream.state_machine
+        events = _step(machine, StreamInputs.RECV_DATA)
+        stream._inbound_window_manager.window_consumed(length)
+        if stream._expected_content_length is None:
+            stream._actual_content_length += length
+        else:
+            stream._track_content_length(length, end_stream)
+        event = events[0]
+        if end_stream:
+            ended = _step(machine, StreamInputs.RECV_END_STREAM)
+            event.stream_ended = ended[0]
+            events += ended
+        event.data = data
+        event.flow_controlled_length = length
+        return events
 
     def _receive_ping(self, data, flags):
         """A PING, answered as h2 answers it (h2's ACK frame, written as bytes)."""
@@ -436,9 +482,9 @@ class FastH2Connection(BoundedH2Connection):
         for name, value in headers:
             if name == b"content-length" or (name == b":status" and value[:1] == b"1"):
                 return self._stream_headers_by_h2(stream, headers, end_stream)
-        events = machine.process_input(StreamInputs.RECV_HEADERS)
+        events = _step(machine, StreamInputs.RECV_HEADERS)
         if end_stream:
-            ended = machine.process_input(StreamInputs.RECV_END_STREAM)
+            ended = _step(machine, StreamInputs.RECV_END_STREAM)
             events[0].stream_ended = ended[0]
             events += ended
         events[0].headers = list(headers)
@@ -482,7 +528,7 @@ class FastH2Connection(BoundedH2Connection):
             return super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
         # SEND_DATA leaves both state machines as they are in these states.
         if end_stream:
-            stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+            _step(stream.state_machine, StreamInputs.SEND_END_STREAM)
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
         header = _HEADER.pack(size >> 8, size & 0xFF, _DATA, _END_STREAM if end_stream else 0, stream_id)
@@ -554,10 +600,10 @@ class FastH2Connection(BoundedH2Connection):
         machine = stream.state_machine
         if informational and not machine.client:
             return super().send_headers(stream_id, headers, end_stream)
-        machine.process_input(StreamInputs.SEND_HEADERS)
+        _step(machine, StreamInputs.SEND_HEADERS)
         block = self.encoder.encode(headers)
         if end_stream:
-            machine.process_input(StreamInputs.SEND_END_STREAM)
+            _step(machine, StreamInputs.SEND_END_STREAM)
         if machine.trailers_sent and not end_stream:
             raise ProtocolError("Trailers must have END_STREAM set.")
         if machine.client and stream._authority is None:
