@@ -280,8 +280,8 @@ class ProxyService(service.MultiService):
     end with UNAVAILABLE) before the upstream connections they use close."""
 
     def startService(self):
-        super().startService()
         tune_for_serving()  # what startup made is there for good
+        super().startService()
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -5,6 +5,7 @@ etcdproxy.grpc.client."""
 import gc
 import gzip
 import threading
+import weakref
 
 import grpc
 from h2.config import H2Configuration
@@ -16,10 +17,13 @@ from h2.settings import SettingCodes
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from etcdproxy.grpc.client import Channel, IClientCallListener
+from etcdproxy.grpc.client import Channel, GRPCClientProtocol, IClientCallListener
 from etcdproxy.grpc.connection import Limits
 from etcdproxy.grpc.h2connection import BoundedH2Connection, StreamRefused
 from etcdproxy.grpc.framing import MessageDecoder, encode_message
@@ -592,6 +596,33 @@ class PureLogicTests(unittest.TestCase):
         self.assertEqual(e.code, StatusCode.RESOURCE_EXHAUSTED)
         e = self.assertRaises(GRPCError, MessageDecoder(1000).feed, framed)
         self.assertEqual(e.code, StatusCode.INTERNAL)
+
+
+class ConnectionLifetimeTests(unittest.TestCase):
+    """A connection that ended is freed at once, with its h2 state and
+    buffers (refcounting, not the cyclic collector: see etcdproxy.collector)."""
+
+    def assert_freed_when_lost(self, protocol):
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        # (the transport lives as long as the connection's writer, which holds it)
+        refs = [weakref.ref(o) for o in (protocol, protocol.conn, transport, protocol._held_acks,
+                                         protocol._stalls)]
+        transport.unregisterProducer()  # as Twisted's TCP transport does when the connection is lost
+        protocol.connectionLost(Failure(ConnectionDone()))
+        gc.disable()
+        self.addCleanup(gc.enable)
+        del protocol, transport
+        self.assertEqual([ref() for ref in refs], [None] * len(refs))
+
+    def test_server_side(self):
+        factory = GRPCServerFactory(ToyService(), task.Clock(), Limits())
+        self.assert_freed_when_lost(factory.buildProtocol(None))
+
+    def test_client_side_with_its_keepalive(self):
+        clock = task.Clock()
+        channel = Channel(clock, None, b"x", Limits(), keepalive_interval=5)
+        self.assert_freed_when_lost(GRPCClientProtocol(channel))
 
 
 class KeepaliveTests(ServerTestMixin, unittest.TestCase):

@@ -146,6 +146,15 @@ class OutboundTests(unittest.TestCase):
         self.assertGreater(exchange.stream.protocol.blocked, 0)
         self.assertEqual(decoded(exchange.received), messages)
 
+    def test_views_of_any_shape_are_sent_as_their_bytes(self):
+        exchange = Exchange(window=2**31 - 1)
+        data = bytes(range(256)) * (BIG // 64)
+        views = [memoryview(data).cast("I"), memoryview(data)[::2], memoryview(data)[:100].cast("H")]
+        for view in views:
+            exchange.stream.queue_message(view)
+        exchange.drain()
+        self.assertEqual(decoded(exchange.received), [view.tobytes() for view in views])
+
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(st.sampled_from([0, 1, 100, 16379, 16384, BIG - 1, BIG, BIG + 7, 3 * BIG]), min_size=1, max_size=6),
            st.sampled_from([1000, 5000, 16384, 70000, 2**31 - 1]),

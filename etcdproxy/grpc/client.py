@@ -305,6 +305,7 @@ class GRPCClientProtocol(H2Protocol):
     def connectionLost(self, reason):
         if self._ping is not None and self._ping.running:
             self._ping.stop()
+        self._ping = None
         if self._ping_timeout is not None:
             self._ping_timeout.cancel()
             self._ping_timeout = None

@@ -335,12 +335,18 @@ class H2Protocol(Protocol):
         stream.close()
 
     def connectionLost(self, reason):
+        # What the connection held (h2's state and buffers, Twisted's unsent
+        # bytes) is freed here by refcounting, not left in cycles for the
+        # collector (see etcdproxy.collector): the helpers drop their callbacks
+        # into this protocol and h2 its own cycle.
         self._lost = True
         self._held_acks.stop()
         self._stalls.stop()
         if self._ending is not None and self._ending.active():
             self._ending.cancel()
         self._end_streams(reason)
+        if getattr(self, "conn", None) is not None:  # (lost before it was made: no h2 state)
+            self.conn.release()
 
     def _end_streams(self, reason):
         streams, self.streams = self.streams, {}

@@ -34,15 +34,18 @@ def _direct_possible(transport):
 class DirectWriter:
     """``write(data)`` for one transport: sent at once when possible."""
 
-    __slots__ = ("transport", "write", "direct_bytes")
+    __slots__ = ("transport", "direct_bytes", "_direct")
 
     def __init__(self, transport):
         self.transport = transport
         self.direct_bytes = 0  # sent without Twisted's buffer (tests, and a look with a debugger)
-        self.write = self._write_direct if _direct_possible(transport) else transport.write
+        self._direct = _direct_possible(transport)
 
-    def _write_direct(self, data):
+    def write(self, data):
         transport = self.transport
+        if not self._direct:
+            transport.write(data)
+            return
         # (TLS started on the transport itself encrypts in its write: not here)
         # (an aborted connection stays "connected" until its connectionLost: Twisted
         # would drop what is written meanwhile, so it gets it)

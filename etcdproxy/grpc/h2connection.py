@@ -180,6 +180,12 @@ class BoundedH2Connection(H2Connection):
         reset.error_code = ErrorCodes.REFUSED_STREAM
         return [reset], events + [StreamRefused(frame.stream_id)]
 
+    def release(self):
+        """Ends h2's own reference cycle (its frame dispatch table holds bound
+        methods of the connection) once the connection is gone and takes no
+        more frames, so that its state is freed as soon as it is dropped."""
+        self._frame_dispatch_table = {}
+
     def forget_closed_stream(self, stream_id):
         """Moves a closed stream out of the stream table into h2's record of
         how streams ended, as h2 does for every closed stream it meets when it

@@ -63,3 +63,4 @@ class HeldAcks:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._release = None  # (a method of the connection: no cycle left behind)

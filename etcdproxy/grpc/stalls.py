@@ -44,3 +44,5 @@ class StallWatch:
         if self._check is not None and self._check.active():
             self._check.cancel()
         self._check = None
+        self._blocked = set()
+        self._on_stalled = None  # (a method of the connection: no cycle left behind)

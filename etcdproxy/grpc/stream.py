@@ -67,6 +67,8 @@ class MessageStream:
     def queue_message(self, payload):
         if self.closed or self._sending_stopped:
             return
+        if type(payload) is memoryview and (payload.format != "B" or not payload.c_contiguous):
+            payload = payload.tobytes()  # (its len() is not its size in bytes)
         if len(payload) < SEPARATE_PAYLOAD:
             self._out.append(encode_message(payload))
         else:
