@@ -97,3 +97,6 @@ class ChannelFailureTests(ServerTestMixin, unittest.TestCase):
         error = yield d
         self.assertEqual(error.code, StatusCode.UNAVAILABLE)
         self.assertEqual([e[0] for e in self.events], ["call", "call"])
+        # A call on the closed channel is refused at once, through its Deferred.
+        error = yield self.call(ch)
+        self.assertEqual((error.code, error.unprocessed), (StatusCode.UNAVAILABLE, True))

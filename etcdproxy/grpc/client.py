@@ -333,12 +333,14 @@ class _UnaryResult:
 
     def call_finished(self, error, metadata):
         messages, self.messages = self.messages, []  # not kept by the call's objects
+        # (the Deferred's canceller is a method of this object: no cycle is left)
+        deferred, self.deferred = self.deferred, None
         if error is not None:
-            self.deferred.errback(error)
+            deferred.errback(error)
         elif len(messages) != 1:
-            self.deferred.errback(GRPCError(StatusCode.INTERNAL, f"unary call got {len(messages)} responses"))
+            deferred.errback(GRPCError(StatusCode.INTERNAL, f"unary call got {len(messages)} responses"))
         else:
-            self.deferred.callback(messages[0])
+            deferred.callback(messages[0])
 
 
 class Channel:
@@ -384,10 +386,11 @@ class Channel:
     def unary_call(self, method, request, metadata=(), timeout=None):
         """Deferred firing with the response bytes, or failing with `GRPCError`."""
         result = _UnaryResult()
+        deferred = result.deferred  # (the call may finish at once: refused)
         result.call = self.start_call(method, metadata, result, timeout)
         result.call.send_message(request)
         result.call.end()
-        return result.deferred
+        return deferred
 
     def _connect(self):
         if self._connecting is not None:
