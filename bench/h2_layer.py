@@ -31,13 +31,13 @@ from h2.connection import H2Connection  # noqa: E402
 from h2.events import DataReceived, PingReceived, StreamEnded  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
-from zope.interface import implementer  # noqa: E402
 
-from etcdproxy.grpc import h2fast  # noqa: E402
-from etcdproxy.grpc.client import Channel, IClientCallListener  # noqa: E402
+from etcdproxy.grpc import h2fast, h2internals  # noqa: E402
+from etcdproxy.grpc.client import NO_LISTENER, Channel  # noqa: E402
 from etcdproxy.grpc.connection import Limits  # noqa: E402
 from etcdproxy.grpc.framing import encode_message  # noqa: E402
-from etcdproxy.grpc.server import GRPCServerFactory, ICallHandler  # noqa: E402
+from etcdproxy.grpc.server import GRPCServerFactory  # noqa: E402
+from tests.support.relay import RelayHandler  # noqa: E402
 
 METHOD = b"/etcdserverpb.KV/Put"
 REQUEST = b"\x0a\x10" + b"k" * 16 + b"\x12" + bytes([0x80, 0x02]) + b"v" * 256  # a PutRequest's size
@@ -58,39 +58,6 @@ def plain_h2(client_side):
     return conn
 
 
-@implementer(ICallHandler, IClientCallListener)
-class Relay:
-    """What the proxy's forwarding handler does, without retries or etcd."""
-
-    def __init__(self, channel):
-        self.channel = channel
-
-    def call_started(self, call):
-        self.call = call
-        self.upstream = self.channel.start_call(call.method, call.metadata, self)
-
-    def request_received(self, message):
-        self.upstream.send_message(message)
-
-    def half_closed(self):
-        self.upstream.end()
-
-    def call_cancelled(self, error):
-        self.upstream.cancel()
-
-    def call_draining(self):
-        pass
-
-    def headers_received(self, metadata):
-        self.call.send_headers(metadata)
-
-    def response_received(self, message):
-        self.call.send_message(message)
-
-    def call_finished(self, error, metadata):
-        self.call.finish(0, "", metadata)
-
-
 class MemoryEndpoint:
     def __init__(self, clock):
         self.transports = []
@@ -108,7 +75,7 @@ class Setup:
         self.clock = task.Clock()
         self.endpoint = MemoryEndpoint(self.clock)
         self.channel = Channel(self.clock, self.endpoint, b"127.0.0.1:2379", Limits(), keepalive_interval=0)
-        factory = GRPCServerFactory(lambda path: Relay(self.channel), self.clock, Limits())
+        factory = GRPCServerFactory(lambda path: RelayHandler(self.channel), self.clock, Limits())
         self.server = factory.buildProtocol(None)
         self.server_transport = StringTransport()
         self.server.makeConnection(self.server_transport)
@@ -120,7 +87,7 @@ class Setup:
         self._to_server(self.client_peer.data_to_send())
         self.client_peer.receive_data(self._take(self.server_transport))
         self._to_server(self.client_peer.data_to_send())
-        self.channel.start_call(METHOD, (), _Ignore()).cancel()  # connects the upstream connection
+        self.channel.start_call(METHOD, (), NO_LISTENER).cancel()  # connects the upstream connection
         self.upstream = self.channel._protocol
         self.upstream_transport = self.endpoint.transports[0]
         self._exchange_upstream()
@@ -189,18 +156,6 @@ class Setup:
         peer.receive_data(self._take(self.server_transport))
 
 
-@implementer(IClientCallListener)
-class _Ignore:
-    def headers_received(self, metadata):
-        pass
-
-    def response_received(self, message):
-        pass
-
-    def call_finished(self, error, metadata):
-        pass
-
-
 def run(calls, profile=False):
     setup = Setup()
     for _ in range(200):  # warm-up: HPACK tables and caches filled
@@ -226,7 +181,7 @@ def main():
     if args.plain:
         h2fast.FAST_PATH_ENABLED = False
     figures = [run(args.calls, args.profile) for _ in range(args.reps)]
-    mode = "plain h2" if args.plain or not h2fast.supported() else "fast path"
+    mode = "plain h2" if args.plain or not h2internals.supported() else "fast path"
     print(f"gRPC layer, one proxied unary call ({mode}): median {statistics.median(figures) * 1e6:.1f} us "
           f"(runs: {', '.join('%.1f' % (f * 1e6) for f in figures)})")
 

@@ -30,6 +30,7 @@ from etcdproxy.grpc.framing import MessageDecoder, encode_message
 from etcdproxy.grpc.metadata import format_timeout, parse_timeout
 from etcdproxy.grpc.server import GRPCServerFactory, ICallHandler
 from etcdproxy.grpc.status import GRPCError, StatusCode, decode_grpc_message, encode_grpc_message
+from tests.support.relay import RelayHandler
 
 
 @implementer(ICallHandler)
@@ -120,42 +121,6 @@ class ToyHandler:
         # A call that would never end by itself ends when the server drains.
         if self.kind == b"Hang":
             self.call.finish(StatusCode.UNAVAILABLE, "draining")
-
-
-@implementer(ICallHandler, IClientCallListener)
-class RelayHandler:
-    """Each call relayed to ``channel`` (as etcdproxy.services.forward does)."""
-
-    def __init__(self, channel):
-        self.channel = channel
-
-    def call_started(self, call):
-        self.call = call
-        self.upstream = self.channel.start_call(call.method, call.metadata, self, timeout=5)
-
-    def request_received(self, message):
-        self.upstream.send_message(message)
-
-    def half_closed(self):
-        self.upstream.end()
-
-    def call_cancelled(self, error):
-        self.upstream.cancel()
-
-    def call_draining(self):
-        pass
-
-    def headers_received(self, metadata):
-        self.call.send_headers(metadata)
-
-    def response_received(self, message):
-        self.call.send_message(message)
-
-    def call_finished(self, error, metadata):
-        if error is None:
-            self.call.finish(StatusCode.OK, "", metadata)
-        else:
-            self.call.finish(error.code, error.message, error.metadata)
 
 
 class ToyService:
@@ -369,7 +334,7 @@ class ChannelTests(ServerTestMixin, unittest.TestCase):
         # A relaying handler in front of the toy server, as the proxy's: a
         # server call, its handler and the handler's upstream call, each
         # holding the next. Once the calls are over they are freed as they go.
-        relay_factory = GRPCServerFactory(lambda path: RelayHandler(self.channel), reactor, Limits())
+        relay_factory = GRPCServerFactory(lambda path: RelayHandler(self.channel, timeout=5), reactor, Limits())
         relay_port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(relay_factory)
         self.addCleanup(relay_port.stopListening)
         client = Channel(reactor, TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port.getHost().port),

@@ -23,7 +23,7 @@ from h2.errors import ErrorCodes
 from h2.events import DataReceived
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from etcdproxy.grpc import h2fast
+from etcdproxy.grpc import h2fast, h2internals
 from etcdproxy.grpc.connection import Limits, new_h2_connection
 from etcdproxy.grpc.h2connection import BoundedH2Connection
 from etcdproxy.grpc.h2fast import FastH2Connection
@@ -399,9 +399,9 @@ class FastPathOnTests(unittest.TestCase):
     """The fast path must not turn itself off unnoticed."""
 
     def test_supported_on_the_installed_h2(self):
-        self.assertTrue(h2.__version__.startswith(h2fast.TESTED_H2),
+        self.assertTrue(h2.__version__.startswith(h2internals.TESTED_H2),
                         f"h2 {h2.__version__} is outside the range the fast path is tested on")
-        self.assertTrue(h2fast.supported(), "the fast path turned itself off on this h2")
+        self.assertTrue(h2internals.supported(), "the fast path turned itself off on this h2")
 
     def test_the_proxy_connections_use_it(self):
         for client_side in (False, True):

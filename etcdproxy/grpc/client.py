@@ -51,8 +51,9 @@ class IClientCallListener(Interface):
 
 
 @implementer(IClientCallListener)
-class _Finished:
-    """The listener of a call that is over (see `etcdproxy.grpc.server._Ended`)."""
+class _NoListener:
+    """A listener that takes nothing: a call's once it is over (see
+    `etcdproxy.grpc.server._Ended`), or one whose outcome nobody waits for."""
 
     def headers_received(self, metadata):
         pass
@@ -64,7 +65,7 @@ class _Finished:
         pass
 
 
-_FINISHED = _Finished()
+NO_LISTENER = _NoListener()
 
 
 class ClientCall(MessageStream):
@@ -124,7 +125,7 @@ class ClientCall(MessageStream):
         else:
             self.channel.forget_waiting(self)
         self.close()
-        self.listener = _FINISHED
+        self.listener = NO_LISTENER
 
     # -- events -----------------------------------------------------------------
 
@@ -219,7 +220,7 @@ class ClientCall(MessageStream):
         self._finished = True
         self._cancel_timer()
         self.close()
-        listener, self.listener = self.listener, _FINISHED
+        listener, self.listener = self.listener, NO_LISTENER
         listener.call_finished(error, metadata)
 
     def _cancel_timer(self):

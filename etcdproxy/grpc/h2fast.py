@@ -27,29 +27,24 @@ a shorter way, on h2's own objects, so that its state is h2's at every moment:
 `tests/test_h2_fast_path.py` proves the two equivalent: the same frame
 sequences, valid and hostile, fed to plain h2 and to this, give the same
 events, bytes, errors and state. The fast path is used only on the h2 releases
-it was tested with (`supported()`), and only where h2's internals are what it
+it was tested with (`etcdproxy.grpc.h2internals.supported()`), and only where h2's internals are what it
 was written against; a test fails if it turns itself off.
 """
 
 import os
 import struct
 
-import h2
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import Frame
-from h2.config import H2Configuration
-from h2.connection import (
-    AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine, _decode_headers)
-from h2.events import PingAckReceived, PingReceived
+from h2.connection import AllowedStreamIDs, _decode_headers
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
-from h2.stream import StreamInputs, StreamState, _transitions as _stream_transitions
+from h2.stream import StreamInputs, StreamState
 
-from etcdproxy.grpc.h2connection import BoundedH2Connection, _RECEIVE_FRAME_AS_EXPECTED
-
-# The h2 releases the fast path was proven equivalent on (Debian bookworm's 4.1
-# up to the newest 4.x); requirements.txt pins h2 to them.
-TESTED_H2 = ("4.1.", "4.2.", "4.3.", "4.4.")
+from etcdproxy.grpc.h2connection import BoundedH2Connection
+from etcdproxy.grpc.h2internals import (
+    QUIET_CONNECTION_STATES, QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_STATES, SUPPORTED,
+    ping_ack_received, ping_received, step)
 
 # Off (plain h2 for every frame) with ETCDPROXY_H2_FAST_PATH=0, to compare the two
 # (bench/h2_layer.py --plain, the differential tests).
@@ -66,118 +61,6 @@ _LARGE_PAYLOAD = 4096
 _CONNECTION_WINDOW_UPDATE_HEADER = _HEADER.pack(0, 4, _WINDOW_UPDATE, 0, 0)
 
 
-def _quiet_states(*connection_inputs):
-    """The connection states in which h2 takes each of these inputs without a
-    transition or an event (its connection state machine changes nothing)."""
-    table = H2ConnectionStateMachine._transitions
-    return tuple(state for state in ConnectionState
-                 if all(table.get((state, i)) == (None, state) for i in connection_inputs))
-
-
-# Where HEADERS and DATA are sent, received, PINGs answered, windows opened quietly.
-_QUIET_CONNECTION_STATES = _quiet_states(ConnectionInputs.SEND_DATA, ConnectionInputs.SEND_HEADERS)
-_QUIET_RECEIVING_STATES = _quiet_states(ConnectionInputs.RECV_HEADERS, ConnectionInputs.RECV_DATA)
-_QUIET_PING_STATES = _quiet_states(ConnectionInputs.RECV_PING)
-_QUIET_WINDOW_STATES = _quiet_states(ConnectionInputs.SEND_WINDOW_UPDATE)
-
-
-# h2's stream transitions, keyed by the two enums' integer values: h2's own
-# process_input looks them up by an (enum, enum) tuple, whose hashing runs two
-# calls of Python code (Enum.__hash__) per transition, a dozen a proxied call.
-_TRANSITIONS = {(state.value, input_.value): entry for (state, input_), entry in _stream_transitions.items()}
-
-
-def _step(machine, input_):
-    """h2's ``H2StreamStateMachine.process_input(input_)``: the same transition
-    function and target state, and the same handling of its errors."""
-    previous = machine.state
-    entry = _TRANSITIONS.get((previous._value_, input_._value_))
-    if entry is None:
-        return machine.process_input(input_)  # h2's refusal
-    func, target = entry
-    machine.state = target
-    if func is None:
-        return []
-    try:
-        return func(machine, previous)
-    except ProtocolError:
-        machine.state = StreamState.CLOSED
-        raise
-    except AssertionError as e:
-        machine.state = StreamState.CLOSED
-        raise ProtocolError(e) from e
-
-
-def _ping_event_maker(cls):
-    """A function making h2's ``cls`` event (PingReceived, PingAckReceived) for
-    some opaque data: h2 4.3 and later build them with keywords, earlier h2
-    without arguments."""
-    try:
-        cls(ping_data=b"")
-    except TypeError:
-        def make(data):
-            event = cls()
-            event.ping_data = data
-            return event
-        return make
-    return lambda data: cls(ping_data=data)
-
-
-_ping_received = _ping_event_maker(PingReceived)
-_ping_ack_received = _ping_event_maker(PingAckReceived)
-
-
-def _h2_internals_as_expected():
-    """Whether the h2 internals the fast path relies on are those it was written
-    against: the state transitions it skips, and the names it uses."""
-    S, I = StreamState, StreamInputs
-    for key, target in (((S.OPEN, I.SEND_DATA), S.OPEN),
-                        ((S.HALF_CLOSED_REMOTE, I.SEND_DATA), S.HALF_CLOSED_REMOTE)):
-        if _stream_transitions.get(key) != (None, target):
-            return False
-    if len(_QUIET_CONNECTION_STATES) != 2 or len(_QUIET_RECEIVING_STATES) != 2:
-        return False  # h2 4.x: CLIENT_OPEN and SERVER_OPEN, for both
-    if not (set(_QUIET_RECEIVING_STATES) <= set(_QUIET_PING_STATES)
-            and set(_QUIET_RECEIVING_STATES) <= set(_QUIET_WINDOW_STATES)):
-        return False
-    # What receiving a header block or data does to a stream (H2Stream.receive_headers,
-    # receive_data) in the states the lean path takes: an event from these handlers.
-    for key, target in (((S.IDLE, I.RECV_HEADERS), S.OPEN),
-                        ((S.OPEN, I.RECV_HEADERS), S.OPEN),
-                        ((S.HALF_CLOSED_LOCAL, I.RECV_HEADERS), S.HALF_CLOSED_LOCAL),
-                        ((S.OPEN, I.RECV_DATA), S.OPEN),
-                        ((S.HALF_CLOSED_LOCAL, I.RECV_DATA), S.HALF_CLOSED_LOCAL),
-                        ((S.OPEN, I.RECV_END_STREAM), S.HALF_CLOSED_REMOTE),
-                        ((S.HALF_CLOSED_LOCAL, I.RECV_END_STREAM), S.CLOSED)):
-        entry = _stream_transitions.get(key)
-        if entry is None or entry[1] != target:
-            return False
-    probe = BoundedH2Connection(H2Configuration(client_side=True), 16384)
-    buffer = probe.incoming_buffer
-    stream = probe._get_or_create_stream(1, AllowedStreamIDs.ODD)
-    return (isinstance(getattr(probe, "_frame_dispatch_table", None), dict)
-            and isinstance(getattr(probe, "_data_to_send", None), bytearray)
-            and all(hasattr(probe, name) for name in (
-                "_receive_data_frame", "_receive_headers_frame", "_receive_window_update_frame",
-                "_receive_ping_frame", "_begin_new_stream", "open_inbound_streams",
-                "_inbound_flow_control_window_manager", "_prepare_for_sending", "MAX_WINDOW_INCREMENT",
-                "data_to_send", "clear_outbound_data_buffer",
-                "_terminate_connection", "_get_or_create_stream", "open_outbound_streams"))
-            and all(hasattr(buffer, name) for name in ("_preamble_len", "_headers_buffer"))
-            and all(hasattr(stream, name) for name in (
-                "_expected_content_length", "_actual_content_length", "_track_content_length",
-                "_inbound_window_manager", "request_method"))
-            and all(type(getattr(member, "_value_", None)) is int for member in (*StreamState, *StreamInputs))
-            and all(hasattr(stream.state_machine, name) for name in ("headers_received", "state")))
-
-
-def supported():
-    """Whether the installed h2 is one the fast path runs on."""
-    return (h2.__version__.startswith(TESTED_H2) and _RECEIVE_FRAME_AS_EXPECTED
-            and _h2_internals_as_expected())
-
-
-_SUPPORTED = supported()
 
 
 def _acceptable_header(header, max_size):
@@ -259,7 +142,7 @@ class FastH2Connection(BoundedH2Connection):
 
     def __init__(self, config, max_header_list_size):
         super().__init__(config, max_header_list_size)
-        self._fast = FAST_PATH_ENABLED and _SUPPORTED
+        self._fast = FAST_PATH_ENABLED and SUPPORTED
         self._partial = b""  # the start of a frame not yet whole
         self._queued_output = []  # output before h2's buffer (large payloads as they are)
         # Header blocks are framed here only with h2's outbound header checks off
@@ -388,7 +271,7 @@ class FastH2Connection(BoundedH2Connection):
         stream open for it, the short way (h2's own window and stream
         handling, without its generic frame handler)."""
         stream = self.streams.get(sid)
-        if (stream is None or self.state_machine.state not in _QUIET_RECEIVING_STATES
+        if (stream is None or self.state_machine.state not in QUIET_RECEIVING_STATES
                 or not (stream.state_machine.state is StreamState.OPEN
                         or stream.state_machine.state is StreamState.HALF_CLOSED_LOCAL)):
             return self._receive_frame(_DataFrame(sid, data, _DATA_FLAGS[flags]))
@@ -397,7 +280,7 @@ class FastH2Connection(BoundedH2Connection):
         # h2's H2Stream.receive_data, less its no-op log.
         end_stream = flags == _END_STREAM
         machine = stream.state_machine
-        events = _step(machine, StreamInputs.RECV_DATA)
+        events = step(machine, StreamInputs.RECV_DATA)
         stream._inbound_window_manager.window_consumed(length)
         if stream._expected_content_length is None:
             stream._actual_content_length += length
@@ -405,7 +288,7 @@ class FastH2Connection(BoundedH2Connection):
             stream._track_content_length(length, end_stream)
         event = events[0]
         if end_stream:
-            ended = _step(machine, StreamInputs.RECV_END_STREAM)
+            ended = step(machine, StreamInputs.RECV_END_STREAM)
             event.stream_ended = ended[0]
             events += ended
         event.data = data
@@ -414,12 +297,12 @@ class FastH2Connection(BoundedH2Connection):
 
     def _receive_ping(self, data, flags):
         """A PING, answered as h2 answers it (h2's ACK frame, written as bytes)."""
-        if self.state_machine.state not in _QUIET_PING_STATES:
+        if self.state_machine.state not in QUIET_PING_STATES:
             return self._receive_frame(_PingFrame(_PING_FLAGS[flags], data))
         if flags:
-            return [_ping_ack_received(data)]
+            return [ping_ack_received(data)]
         self._data_to_send += _PING_ACK_HEADER + data
-        return [_ping_received(data)]
+        return [ping_received(data)]
 
     def _receive_window_update(self, sid, increment):
         """A WINDOW_UPDATE for the connection or a stream h2 holds: h2's own
@@ -440,7 +323,7 @@ class FastH2Connection(BoundedH2Connection):
         ours that expects them. The steps that could fail, or do more than
         these cases need, are h2's own; anything else goes to h2 whole."""
         stream = self.streams.get(sid)
-        if self.state_machine.state not in _QUIET_RECEIVING_STATES:
+        if self.state_machine.state not in QUIET_RECEIVING_STATES:
             return self._receive_frame(_HeadersFrame(sid, block, _HEADERS_FLAGS[flags]))
         if stream is None:
             # A new stream: one h2 would open (right parity, above the highest
@@ -482,9 +365,9 @@ class FastH2Connection(BoundedH2Connection):
         for name, value in headers:
             if name == b"content-length" or (name == b":status" and value[:1] == b"1"):
                 return self._stream_headers_by_h2(stream, headers, end_stream)
-        events = _step(machine, StreamInputs.RECV_HEADERS)
+        events = step(machine, StreamInputs.RECV_HEADERS)
         if end_stream:
-            ended = _step(machine, StreamInputs.RECV_END_STREAM)
+            ended = step(machine, StreamInputs.RECV_END_STREAM)
             events[0].stream_ended = ended[0]
             events += ended
         events[0].headers = list(headers)
@@ -509,7 +392,7 @@ class FastH2Connection(BoundedH2Connection):
     def increment_flow_control_window(self, increment, stream_id=None):
         # The connection's window: h2's window manager, h2's frame written as bytes.
         if (stream_id is not None or not self._fast or not 1 <= increment <= self.MAX_WINDOW_INCREMENT
-                or self.state_machine.state not in _QUIET_WINDOW_STATES):
+                or self.state_machine.state not in QUIET_WINDOW_STATES):
             return super().increment_flow_control_window(increment, stream_id)
         self._inbound_flow_control_window_manager.window_opened(increment)
         self._data_to_send += _CONNECTION_WINDOW_UPDATE_HEADER + increment.to_bytes(4, "big")
@@ -519,7 +402,7 @@ class FastH2Connection(BoundedH2Connection):
         size = len(data)
         if (not self._fast or pad_length is not None or stream is None
                 or (type(data) is not bytes and (type(data) is not memoryview or data.nbytes != size))
-                or self.state_machine.state not in _QUIET_CONNECTION_STATES
+                or self.state_machine.state not in QUIET_CONNECTION_STATES
                 or size > self.outbound_flow_control_window or size > stream.outbound_flow_control_window
                 or size > self.max_outbound_frame_size):
             return super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
@@ -528,7 +411,7 @@ class FastH2Connection(BoundedH2Connection):
             return super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
         # SEND_DATA leaves both state machines as they are in these states.
         if end_stream:
-            _step(stream.state_machine, StreamInputs.SEND_END_STREAM)
+            step(stream.state_machine, StreamInputs.SEND_END_STREAM)
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
         header = _HEADER.pack(size >> 8, size & 0xFF, _DATA, _END_STREAM if end_stream else 0, stream_id)
@@ -562,7 +445,7 @@ class FastH2Connection(BoundedH2Connection):
                      priority_depends_on=None, priority_exclusive=None):
         if (not self._fast_headers or priority_weight is not None or priority_depends_on is not None
                 or priority_exclusive is not None or type(headers) is not list
-                or self.state_machine.state not in _QUIET_CONNECTION_STATES):
+                or self.state_machine.state not in QUIET_CONNECTION_STATES):
             return super().send_headers(stream_id, headers, end_stream, priority_weight,
                                         priority_depends_on, priority_exclusive)
         if not headers:
@@ -600,10 +483,10 @@ class FastH2Connection(BoundedH2Connection):
         machine = stream.state_machine
         if informational and not machine.client:
             return super().send_headers(stream_id, headers, end_stream)
-        _step(machine, StreamInputs.SEND_HEADERS)
+        step(machine, StreamInputs.SEND_HEADERS)
         block = self.encoder.encode(headers)
         if end_stream:
-            _step(machine, StreamInputs.SEND_END_STREAM)
+            step(machine, StreamInputs.SEND_END_STREAM)
         if machine.trailers_sent and not end_stream:
             raise ProtocolError("Trailers must have END_STREAM set.")
         if machine.client and stream._authority is None:

@@ -1,0 +1,134 @@
+"""The parts of h2's internals that `etcdproxy.grpc.h2fast` relies on, and the
+check that the installed h2 has them as they were written against: its
+connection states where sending and receiving change nothing, its stream
+transitions (and a lookup of them cheaper than h2's own), its PING events, the
+private names the fast path uses. `supported()` is False on any other h2, and
+the fast path then stays off.
+"""
+
+import h2
+from h2.config import H2Configuration
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+from h2.events import PingAckReceived, PingReceived
+from h2.exceptions import ProtocolError
+from h2.stream import StreamInputs, StreamState, _transitions as _stream_transitions
+
+from etcdproxy.grpc.h2connection import BoundedH2Connection, _RECEIVE_FRAME_AS_EXPECTED
+
+# The h2 releases the fast path was proven equivalent on (Debian bookworm's 4.1
+# up to the newest 4.x); requirements.txt pins h2 to them.
+TESTED_H2 = ("4.1.", "4.2.", "4.3.", "4.4.")
+
+
+def quiet_states(*connection_inputs):
+    """The connection states in which h2 takes each of these inputs without a
+    transition or an event (its connection state machine changes nothing)."""
+    table = H2ConnectionStateMachine._transitions
+    return tuple(state for state in ConnectionState
+                 if all(table.get((state, i)) == (None, state) for i in connection_inputs))
+
+
+# Where HEADERS and DATA are sent, received, PINGs answered, windows opened quietly.
+QUIET_CONNECTION_STATES = quiet_states(ConnectionInputs.SEND_DATA, ConnectionInputs.SEND_HEADERS)
+QUIET_RECEIVING_STATES = quiet_states(ConnectionInputs.RECV_HEADERS, ConnectionInputs.RECV_DATA)
+QUIET_PING_STATES = quiet_states(ConnectionInputs.RECV_PING)
+QUIET_WINDOW_STATES = quiet_states(ConnectionInputs.SEND_WINDOW_UPDATE)
+
+
+# h2's stream transitions, keyed by the two enums' integer values: h2's own
+# process_input looks them up by an (enum, enum) tuple, whose hashing runs two
+# calls of Python code (Enum.__hash__) per transition, a dozen a proxied call.
+_TRANSITIONS = {(state.value, input_.value): entry for (state, input_), entry in _stream_transitions.items()}
+
+
+def step(machine, input_):
+    """h2's ``H2StreamStateMachine.process_input(input_)``: the same transition
+    function and target state, and the same handling of its errors."""
+    previous = machine.state
+    entry = _TRANSITIONS.get((previous._value_, input_._value_))
+    if entry is None:
+        return machine.process_input(input_)  # h2's refusal
+    func, target = entry
+    machine.state = target
+    if func is None:
+        return []
+    try:
+        return func(machine, previous)
+    except ProtocolError:
+        machine.state = StreamState.CLOSED
+        raise
+    except AssertionError as e:
+        machine.state = StreamState.CLOSED
+        raise ProtocolError(e) from e
+
+
+def ping_event_maker(cls):
+    """A function making h2's ``cls`` event (PingReceived, PingAckReceived) for
+    some opaque data: h2 4.3 and later build them with keywords, earlier h2
+    without arguments."""
+    try:
+        cls(ping_data=b"")
+    except TypeError:
+        def make(data):
+            event = cls()
+            event.ping_data = data
+            return event
+        return make
+    return lambda data: cls(ping_data=data)
+
+
+ping_received = ping_event_maker(PingReceived)
+ping_ack_received = ping_event_maker(PingAckReceived)
+
+
+def h2_internals_as_expected():
+    """Whether the h2 internals the fast path relies on are those it was written
+    against: the state transitions it skips, and the names it uses."""
+    S, I = StreamState, StreamInputs
+    for key, target in (((S.OPEN, I.SEND_DATA), S.OPEN),
+                        ((S.HALF_CLOSED_REMOTE, I.SEND_DATA), S.HALF_CLOSED_REMOTE)):
+        if _stream_transitions.get(key) != (None, target):
+            return False
+    if len(QUIET_CONNECTION_STATES) != 2 or len(QUIET_RECEIVING_STATES) != 2:
+        return False  # h2 4.x: CLIENT_OPEN and SERVER_OPEN, for both
+    if not (set(QUIET_RECEIVING_STATES) <= set(QUIET_PING_STATES)
+            and set(QUIET_RECEIVING_STATES) <= set(QUIET_WINDOW_STATES)):
+        return False
+    # What receiving a header block or data does to a stream (H2Stream.receive_headers,
+    # receive_data) in the states the lean path takes: an event from these handlers.
+    for key, target in (((S.IDLE, I.RECV_HEADERS), S.OPEN),
+                        ((S.OPEN, I.RECV_HEADERS), S.OPEN),
+                        ((S.HALF_CLOSED_LOCAL, I.RECV_HEADERS), S.HALF_CLOSED_LOCAL),
+                        ((S.OPEN, I.RECV_DATA), S.OPEN),
+                        ((S.HALF_CLOSED_LOCAL, I.RECV_DATA), S.HALF_CLOSED_LOCAL),
+                        ((S.OPEN, I.RECV_END_STREAM), S.HALF_CLOSED_REMOTE),
+                        ((S.HALF_CLOSED_LOCAL, I.RECV_END_STREAM), S.CLOSED)):
+        entry = _stream_transitions.get(key)
+        if entry is None or entry[1] != target:
+            return False
+    probe = BoundedH2Connection(H2Configuration(client_side=True), 16384)
+    buffer = probe.incoming_buffer
+    stream = probe._get_or_create_stream(1, AllowedStreamIDs.ODD)
+    return (isinstance(getattr(probe, "_frame_dispatch_table", None), dict)
+            and isinstance(getattr(probe, "_data_to_send", None), bytearray)
+            and all(hasattr(probe, name) for name in (
+                "_receive_data_frame", "_receive_headers_frame", "_receive_window_update_frame",
+                "_receive_ping_frame", "_begin_new_stream", "open_inbound_streams",
+                "_inbound_flow_control_window_manager", "_prepare_for_sending", "MAX_WINDOW_INCREMENT",
+                "data_to_send", "clear_outbound_data_buffer",
+                "_terminate_connection", "_get_or_create_stream", "open_outbound_streams"))
+            and all(hasattr(buffer, name) for name in ("_preamble_len", "_headers_buffer"))
+            and all(hasattr(stream, name) for name in (
+                "_expected_content_length", "_actual_content_length", "_track_content_length",
+                "_inbound_window_manager", "request_method"))
+            and all(type(getattr(member, "_value_", None)) is int for member in (*StreamState, *StreamInputs))
+            and all(hasattr(stream.state_machine, name) for name in ("headers_received", "state")))
+
+
+def supported():
+    """Whether the installed h2 is one the fast path runs on."""
+    return (h2.__version__.startswith(TESTED_H2) and _RECEIVE_FRAME_AS_EXPECTED
+            and h2_internals_as_expected())
+
+
+SUPPORTED = supported()
