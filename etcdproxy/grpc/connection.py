@@ -230,20 +230,27 @@ class H2Protocol(Protocol):
     def _unblock(self):
         self._to_flush |= self._stalls.take_blocked()
 
-    _handlers = {
-        DataReceived: _data_received,
-        RequestReceived: lambda self, event: self.request_received(event),
-        ResponseReceived: lambda self, event: self.response_received(event),
-        TrailersReceived: lambda self, event: self.trailers_received(event),
-        StreamEnded: _stream_ended,
-        StreamReset: _stream_reset,
-        StreamRefused: _stream_refused,
-        WindowUpdated: _window_updated,
-        RemoteSettingsChanged: _settings_changed,
-        ConnectionTerminated: lambda self, event: self.goaway_received(event),
-        PingAckReceived: lambda self, event: self.ping_acked(event),
-        PingReceived: _ping_received,
-    }
+    @classmethod
+    def _event_handlers(cls):
+        """h2 event type -> the function (of this class) taking it."""
+        return {
+            DataReceived: cls._data_received,
+            RequestReceived: cls.request_received,
+            ResponseReceived: cls.response_received,
+            TrailersReceived: cls.trailers_received,
+            StreamEnded: cls._stream_ended,
+            StreamReset: cls._stream_reset,
+            StreamRefused: cls._stream_refused,
+            WindowUpdated: cls._window_updated,
+            RemoteSettingsChanged: cls._settings_changed,
+            ConnectionTerminated: cls.goaway_received,
+            PingAckReceived: cls.ping_acked,
+            PingReceived: cls._ping_received,
+        }
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._handlers = cls._event_handlers()  # the subclass's own hooks, looked up once
 
     # -- writing ----------------------------------------------------------------
 

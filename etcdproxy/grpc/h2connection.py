@@ -12,7 +12,7 @@ from h2.connection import ConnectionInputs, H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError, StreamIDTooLowError
 from h2.frame_buffer import FrameBuffer
-from h2.stream import StreamClosedBy
+from h2.stream import StreamClosedBy, StreamState
 from hpack import HPACKError, OversizedHeaderListError
 from hyperframe.frame import ContinuationFrame, RstStreamFrame
 
@@ -192,9 +192,11 @@ class BoundedH2Connection(H2Connection):
         counts open streams: here one stream when it is done, not the table's
         pile of closed ones at the next walk."""
         stream = self.streams.get(stream_id)
-        if stream is not None and stream.closed:
-            del self.streams[stream_id]
-            self._closed_streams[stream_id] = stream.closed_by
+        if stream is not None:
+            machine = stream.state_machine  # (h2's ``closed`` and ``closed_by`` read it)
+            if machine.state is StreamState.CLOSED:
+                del self.streams[stream_id]
+                self._closed_streams[stream_id] = machine.stream_closed_by
 
     def _open_streams(self, remainder):
         outbound = remainder == (1 if self.config.client_side else 0)

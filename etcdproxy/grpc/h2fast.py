@@ -36,15 +36,15 @@ import struct
 
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import Frame
-from h2.connection import AllowedStreamIDs, _decode_headers
+from h2.connection import _decode_headers
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes
-from h2.stream import StreamInputs, StreamState
+from h2.stream import H2Stream, StreamInputs, StreamState
 
 from etcdproxy.grpc.h2connection import BoundedH2Connection
 from etcdproxy.grpc.h2internals import (
     QUIET_CONNECTION_STATES, QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_STATES, SUPPORTED,
-    ping_ack_received, ping_received, step)
+    UNSET_MAX_CONCURRENT_STREAMS, ping_ack_received, ping_received, step)
 
 # Off (plain h2 for every frame) with ETCDPROXY_H2_FAST_PATH=0, to compare the two
 # (bench/h2_layer.py --plain, the differential tests).
@@ -59,6 +59,8 @@ _PING_ACK_HEADER = _HEADER.pack(0, 8, _PING, 0x1, 0)
 # bytes, or views of them), not copied into h2's output buffer first.
 _LARGE_PAYLOAD = 4096
 _CONNECTION_WINDOW_UPDATE_HEADER = _HEADER.pack(0, 4, _WINDOW_UPDATE, 0, 0)
+_INITIAL_WINDOW_SIZE = SettingCodes.INITIAL_WINDOW_SIZE
+_MAX_CONCURRENT_STREAMS = SettingCodes.MAX_CONCURRENT_STREAMS
 
 
 
@@ -329,10 +331,11 @@ class FastH2Connection(BoundedH2Connection):
             # A new stream: one h2 would open (right parity, above the highest
             # id) within the concurrency limit (past it, h2's refusal).
             if (not self._server_side or not sid & 1 or sid <= self.highest_inbound_stream_id
-                    or self._over_stream_limit(self.local_settings.max_concurrent_streams, outbound=False)):
+                    or self._over_stream_limit(self.local_settings, outbound=False)):
                 return self._receive_frame(_HeadersFrame(sid, block, _HEADERS_FLAGS[flags]))
             headers = _decode_headers(self.decoder, block)
-            stream = self._begin_new_stream(sid, AllowedStreamIDs.ODD)
+            self.highest_inbound_stream_id = sid
+            stream = self._new_stream(sid)
         else:
             state = stream.state_machine.state
             if not (state is StreamState.OPEN or state is StreamState.HALF_CLOSED_LOCAL):
@@ -340,12 +343,34 @@ class FastH2Connection(BoundedH2Connection):
             headers = _decode_headers(self.decoder, block)
         return self._stream_received_headers(stream, headers, flags == _END_HEADERS | _END_STREAM)
 
-    def _over_stream_limit(self, limit, outbound):
-        """Whether one more stream would pass ``limit`` open streams (h2's
-        ``open_outbound_streams`` / ``open_inbound_streams`` + 1 > limit). The
-        table holds at least the open streams, so while it is short of the
-        limit, and of the size at which `BoundedH2Connection` walks it (and
-        forgets the closed ones), the answer is no without counting."""
+    def _new_stream(self, stream_id):
+        """h2's ``_begin_new_stream`` for an id it would take (the caller has
+        checked it and noted it as the highest of its side), less its no-op logs
+        and setting lookups through properties."""
+        stream = H2Stream(stream_id, self.config,  # (settings read as h2internals says)
+                          self.local_settings._settings[_INITIAL_WINDOW_SIZE][0],
+                          self.remote_settings._settings[_INITIAL_WINDOW_SIZE][0])
+        stream.max_outbound_frame_size = self.max_outbound_frame_size
+        self.streams[stream_id] = stream
+        return stream
+
+    def local_flow_control_window(self, stream_id):
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return super().local_flow_control_window(stream_id)  # h2's error
+        # h2's own, without its lookup's error handling (for streams it does not hold)
+        window = stream.outbound_flow_control_window
+        return window if window < self.outbound_flow_control_window else self.outbound_flow_control_window
+
+    def _over_stream_limit(self, settings, outbound):
+        """Whether one more stream would pass the open streams ``settings``
+        allow (h2's ``open_outbound_streams`` / ``open_inbound_streams`` + 1 >
+        ``max_concurrent_streams``). The table holds at least the open streams,
+        so while it is short of the limit, and of the size at which
+        `BoundedH2Connection` walks it (and forgets the closed ones), the answer
+        is no without counting."""
+        entry = settings._settings.get(_MAX_CONCURRENT_STREAMS)  # (see h2internals)
+        limit = UNSET_MAX_CONCURRENT_STREAMS if entry is None or entry[0] is None else entry[0]
         size = len(self.streams)
         if size < limit and size < self._walk_at:
             return False
@@ -475,10 +500,12 @@ class FastH2Connection(BoundedH2Connection):
                 informational = False  # h2 looks no further than the pseudo-headers
         stream = self.streams.get(stream_id)
         if stream is None:
-            if self._over_stream_limit(self.remote_settings.max_concurrent_streams, outbound=True):
+            if (stream_id <= self.highest_outbound_stream_id or stream_id & 1 == self._server_side
+                    or self._over_stream_limit(self.remote_settings, outbound=True)):
                 return super().send_headers(stream_id, headers, end_stream)  # h2's refusal
             # h2's connection state machine does nothing here; h2 then opens the stream.
-            stream = self._get_or_create_stream(stream_id, AllowedStreamIDs(not self._server_side))
+            self.highest_outbound_stream_id = stream_id
+            stream = self._new_stream(stream_id)
         # h2's H2Stream.send_headers, less the header validation (off) and its no-op log.
         machine = stream.state_machine
         if informational and not machine.client:

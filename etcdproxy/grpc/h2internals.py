@@ -11,6 +11,7 @@ from h2.config import H2Configuration
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 from h2.events import PingAckReceived, PingReceived
 from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
 from h2.stream import StreamInputs, StreamState, _transitions as _stream_transitions
 
 from etcdproxy.grpc.h2connection import BoundedH2Connection, _RECEIVE_FRAME_AS_EXPECTED
@@ -60,6 +61,30 @@ def step(machine, input_):
     except AssertionError as e:
         machine.state = StreamState.CLOSED
         raise ProtocolError(e) from e
+
+
+# h2 keeps each setting as a deque of its values, the one in force first (None
+# while a received setting is not in force yet); its properties read one
+# through two or three Python calls. MAX_CONCURRENT_STREAMS has no default
+# there: unset, h2 reads it as this.
+UNSET_MAX_CONCURRENT_STREAMS = Settings().max_concurrent_streams
+
+
+def settings_as_expected():
+    """Whether h2's settings keep their values as the fast path reads them."""
+    probe = Settings(client=False)
+    store = getattr(probe, "_settings", None)
+    if not isinstance(store, dict) or SettingCodes.MAX_CONCURRENT_STREAMS in store:
+        return False
+    probe.initial_window_size = 1000  # announced, not acknowledged
+    entry = store.get(SettingCodes.INITIAL_WINDOW_SIZE)
+    if entry is None or entry[0] != 65535 or probe.initial_window_size != 65535:
+        return False
+    probe.acknowledge()
+    probe.max_concurrent_streams = 7
+    probe.acknowledge()
+    return (store[SettingCodes.INITIAL_WINDOW_SIZE][0] == probe.initial_window_size == 1000
+            and store[SettingCodes.MAX_CONCURRENT_STREAMS][0] == probe.max_concurrent_streams == 7)
 
 
 def ping_event_maker(cls):
@@ -128,7 +153,7 @@ def h2_internals_as_expected():
 def supported():
     """Whether the installed h2 is one the fast path runs on."""
     return (h2.__version__.startswith(TESTED_H2) and _RECEIVE_FRAME_AS_EXPECTED
-            and h2_internals_as_expected())
+            and h2_internals_as_expected() and settings_as_expected())
 
 
 SUPPORTED = supported()

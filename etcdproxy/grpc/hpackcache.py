@@ -14,7 +14,9 @@ the front of its deque), number of entries and maximum size, plus the limits.
 A pending table size change (``resized``) always goes the ordinary way.
 
 Both override only the public ``encode``/``decode`` of hpack's classes; h2 uses
-them through ``H2Connection.encoder``/``decoder``.
+them through ``H2Connection.encoder``/``decoder``. The table's size is read as
+hpack's ``maxsize`` property keeps it (``_maxsize``, hpack 4.0 and 4.1): the
+property costs a Python call, and the check runs twice per header block.
 """
 
 from hpack import Decoder, Encoder
@@ -48,15 +50,15 @@ class CachingEncoder(Encoder):
         entries = table.dynamic_entries
         first = entries[0] if entries else None
         count = len(entries)
-        if first is not self._first or count != self._count or table.maxsize != self._size:
+        if first is not self._first or count != self._count or table._maxsize != self._size:
             self._blocks.clear()
-            self._first, self._count, self._size = first, count, table.maxsize
+            self._first, self._count, self._size = first, count, table._maxsize
         key = (tuple(headers), huffman)
         block = self._blocks.get(key)
         if block is not None:
             return block
         block = super().encode(headers, huffman)
-        if (entries[0] if entries else None) is not first or len(entries) != count or table.maxsize != self._size:
+        if (entries[0] if entries else None) is not first or len(entries) != count or table._maxsize != self._size:
             self._blocks.clear()
             self._first = _UNKNOWN
         elif len(block) <= MAX_BLOCK:
@@ -75,7 +77,7 @@ class CachingDecoder(Decoder):
     def _full_state(self):
         table = self.header_table
         entries = table.dynamic_entries
-        return (entries[0] if entries else None, len(entries), table.maxsize,
+        return (entries[0] if entries else None, len(entries), table._maxsize,
                 self.max_header_list_size, self.max_allowed_table_size)
 
     def decode(self, data, raw=False):
