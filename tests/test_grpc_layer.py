@@ -27,7 +27,7 @@ from etcdproxy.grpc.client import Channel, GRPCClientProtocol, IClientCallListen
 from etcdproxy.grpc.connection import Limits
 from etcdproxy.grpc.h2connection import BoundedH2Connection, StreamRefused
 from etcdproxy.grpc.framing import MessageDecoder, encode_message
-from etcdproxy.grpc.metadata import format_timeout, parse_timeout
+from etcdproxy.grpc.metadata import application_metadata, format_timeout, parse_timeout
 from etcdproxy.grpc.server import GRPCServerFactory, ICallHandler
 from etcdproxy.grpc.status import GRPCError, StatusCode, decode_grpc_message, encode_grpc_message
 from tests.support.relay import RelayHandler
@@ -522,6 +522,15 @@ class PureLogicTests(unittest.TestCase):
         for seconds in [0.0001, 1.5, 3600 * 24 * 365]:
             self.assertGreaterEqual(parse_timeout(format_timeout(seconds)), seconds * 0.999999)
             self.assertLessEqual(len(format_timeout(seconds)), 9)
+
+    def test_application_metadata(self):
+        self.assertEqual(application_metadata([(b":status", b"200"), (b"content-type", b"application/grpc")]), [])
+        self.assertEqual(application_metadata([(b"grpc-status", b"0"), (b"grpc-message", b"x")]), [])
+        request = [(b":method", b"POST"), (b":path", b"/etcdserverpb.KV/Range"), (b"te", b"trailers"),
+                   (b"token", b"abc"), (b"hasleader", b"true"), (b":odd", b"pseudo"), (b"x-bin", b"\x00"),
+                   (b"token", b"second")]
+        self.assertEqual(application_metadata(request),
+                         [(b"token", b"abc"), (b"hasleader", b"true"), (b"x-bin", b"\x00"), (b"token", b"second")])
 
     def test_decoder_any_cuts(self):
         # Messages of every size, cut anywhere (a large one over many DATA

@@ -43,8 +43,9 @@ from h2.stream import H2Stream, StreamInputs, StreamState
 
 from etcdproxy.grpc.h2connection import BoundedH2Connection
 from etcdproxy.grpc.h2internals import (
-    QUIET_CONNECTION_STATES, QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_STATES, SUPPORTED,
-    UNSET_MAX_CONCURRENT_STREAMS, ping_ack_received, ping_received, step)
+    QUIET_CONNECTION_STATES, QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_RECEIVING_STATES,
+    QUIET_WINDOW_STATES, SUPPORTED, UNSET_MAX_CONCURRENT_STREAMS, ping_ack_received, ping_received, step,
+    window_updated)
 
 # Off (plain h2 for every frame) with ETCDPROXY_H2_FAST_PATH=0, to compare the two
 # (bench/h2_layer.py --plain, the differential tests).
@@ -307,9 +308,15 @@ class FastH2Connection(BoundedH2Connection):
         return [ping_received(data)]
 
     def _receive_window_update(self, sid, increment):
-        """A WINDOW_UPDATE for the connection or a stream h2 holds: h2's own
-        handler, without its generic frame handler (whose error handling is
+        """A WINDOW_UPDATE for the connection, or for a stream h2 holds: h2's
+        own handler, without its generic frame handler (whose error handling is
         for streams h2 no longer holds)."""
+        if not sid and self.state_machine.state in QUIET_WINDOW_RECEIVING_STATES:
+            # h2's own for the connection's window, less its state machine's lookup
+            window = self.outbound_flow_control_window + increment
+            if window <= _MAX_WINDOW:  # (past it, h2's FlowControlError)
+                self.outbound_flow_control_window = window
+                return [window_updated(0, increment)]
         frame = _WindowUpdateFrame(sid, increment)
         if sid and sid not in self.streams:
             return self._receive_frame(frame)

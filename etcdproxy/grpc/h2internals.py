@@ -9,7 +9,7 @@ the fast path then stays off.
 import h2
 from h2.config import H2Configuration
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine
-from h2.events import PingAckReceived, PingReceived
+from h2.events import PingAckReceived, PingReceived, WindowUpdated
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from h2.stream import StreamInputs, StreamState, _transitions as _stream_transitions
@@ -34,6 +34,7 @@ QUIET_CONNECTION_STATES = quiet_states(ConnectionInputs.SEND_DATA, ConnectionInp
 QUIET_RECEIVING_STATES = quiet_states(ConnectionInputs.RECV_HEADERS, ConnectionInputs.RECV_DATA)
 QUIET_PING_STATES = quiet_states(ConnectionInputs.RECV_PING)
 QUIET_WINDOW_STATES = quiet_states(ConnectionInputs.SEND_WINDOW_UPDATE)
+QUIET_WINDOW_RECEIVING_STATES = quiet_states(ConnectionInputs.RECV_WINDOW_UPDATE)
 
 
 # h2's stream transitions, keyed by the two enums' integer values: h2's own
@@ -87,23 +88,24 @@ def settings_as_expected():
             and store[SettingCodes.MAX_CONCURRENT_STREAMS][0] == probe.max_concurrent_streams == 7)
 
 
-def ping_event_maker(cls):
-    """A function making h2's ``cls`` event (PingReceived, PingAckReceived) for
-    some opaque data: h2 4.3 and later build them with keywords, earlier h2
-    without arguments."""
+def event_maker(cls, *fields):
+    """A function making h2's ``cls`` event from values of its ``fields``: h2
+    4.3 and later build events with keywords, earlier h2 without arguments."""
     try:
-        cls(ping_data=b"")
+        cls(**{name: 0 for name in fields})
     except TypeError:
-        def make(data):
+        def make(*values):
             event = cls()
-            event.ping_data = data
+            for name, value in zip(fields, values):
+                setattr(event, name, value)
             return event
         return make
-    return lambda data: cls(ping_data=data)
+    return lambda *values: cls(**dict(zip(fields, values)))
 
 
-ping_received = ping_event_maker(PingReceived)
-ping_ack_received = ping_event_maker(PingAckReceived)
+ping_received = event_maker(PingReceived, "ping_data")
+ping_ack_received = event_maker(PingAckReceived, "ping_data")
+window_updated = event_maker(WindowUpdated, "stream_id", "delta")
 
 
 def h2_internals_as_expected():
@@ -117,7 +119,8 @@ def h2_internals_as_expected():
     if len(QUIET_CONNECTION_STATES) != 2 or len(QUIET_RECEIVING_STATES) != 2:
         return False  # h2 4.x: CLIENT_OPEN and SERVER_OPEN, for both
     if not (set(QUIET_RECEIVING_STATES) <= set(QUIET_PING_STATES)
-            and set(QUIET_RECEIVING_STATES) <= set(QUIET_WINDOW_STATES)):
+            and set(QUIET_RECEIVING_STATES) <= set(QUIET_WINDOW_STATES)
+            and set(QUIET_RECEIVING_STATES) <= set(QUIET_WINDOW_RECEIVING_STATES)):
         return False
     # What receiving a header block or data does to a stream (H2Stream.receive_headers,
     # receive_data) in the states the lean path takes: an event from these handlers.

@@ -27,8 +27,14 @@ RESERVED = frozenset(
 )
 
 
+# What most header lists hold: nothing to relay (told apart without a loop in Python).
+_NEVER_RELAYED = RESERVED | {b":status", b":method", b":path", b":scheme", b":authority", b":protocol"}
+
+
 def application_metadata(headers):
     """The relayable (name, value) pairs of a header list."""
+    if dict(headers).keys() <= _NEVER_RELAYED:
+        return []
     return [(n, v) for n, v in headers if n[:1] != b":" and n not in RESERVED]
 
 

@@ -125,7 +125,10 @@ class MessageStream:
                     # A long queue goes out in views of it, and what the window
                     # holds back stays a view (copied once, into h2's buffer).
                     data = memoryview(data)
-                frames = [data[start:min(n, start + frame_size)] for start in range(0, n, frame_size)]
+                if n <= frame_size:
+                    frames = (data if n == len(data) else data[:n],)
+                else:
+                    frames = [data[start:min(n, start + frame_size)] for start in range(0, n, frame_size)]
                 rest = [data[n:]] if n < total else []
             for frame in frames[:-1]:
                 conn.send_data(self.stream_id, frame)
@@ -242,13 +245,7 @@ class MessageStream:
         except GRPCError as e:
             self._receive_failed(e)
             return
-        self._acknowledge(flow_length)
-        for message in messages:
-            if self.closed:
-                return
-            self._deliver(message)
-
-    def _acknowledge(self, flow_length):
+        # The window back to the peer once a quarter of it is handed on.
         self._unacked += flow_length
         if self._unacked >= self.limits.stream_window // 4:
             increment, self._unacked = self._unacked, 0
@@ -256,6 +253,10 @@ class MessageStream:
                 self.protocol.conn.increment_flow_control_window(increment, self.stream_id)
             except (StreamClosedError, ProtocolError):
                 pass
+        for message in messages:
+            if self.closed:
+                return
+            self._deliver(message)
 
     def close(self):
         self.closed = True
