@@ -279,12 +279,22 @@ class FastH2Connection(BoundedH2Connection):
                         or stream.state_machine.state is StreamState.HALF_CLOSED_LOCAL)):
             return self._receive_frame(_DataFrame(sid, data, _DATA_FLAGS[flags]))
         length = len(data)
-        self._inbound_flow_control_window_manager.window_consumed(length)
+        # h2's WindowManager.window_consumed, inline while the window holds the
+        # data (past it, h2's own raises FlowControlError).
+        manager = self._inbound_flow_control_window_manager
+        if length <= manager.current_window_size:
+            manager.current_window_size -= length
+        else:
+            manager.window_consumed(length)
         # h2's H2Stream.receive_data, less its no-op log.
         end_stream = flags == _END_STREAM
         machine = stream.state_machine
         events = step(machine, StreamInputs.RECV_DATA)
-        stream._inbound_window_manager.window_consumed(length)
+        manager = stream._inbound_window_manager
+        if length <= manager.current_window_size:
+            manager.current_window_size -= length
+        else:
+            manager.window_consumed(length)
         if stream._expected_content_length is None:
             stream._actual_content_length += length
         else:

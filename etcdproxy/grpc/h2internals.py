@@ -10,9 +10,10 @@ import h2
 from h2.config import H2Configuration
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2ConnectionStateMachine
 from h2.events import PingAckReceived, PingReceived, WindowUpdated
-from h2.exceptions import ProtocolError
+from h2.exceptions import FlowControlError, ProtocolError
 from h2.settings import SettingCodes, Settings
 from h2.stream import StreamInputs, StreamState, _transitions as _stream_transitions
+from h2.windows import WindowManager
 
 from etcdproxy.grpc.h2connection import BoundedH2Connection, _RECEIVE_FRAME_AS_EXPECTED
 
@@ -149,8 +150,23 @@ def h2_internals_as_expected():
             and all(hasattr(stream, name) for name in (
                 "_expected_content_length", "_actual_content_length", "_track_content_length",
                 "_inbound_window_manager", "request_method"))
+            and window_manager_as_expected()
             and all(type(getattr(member, "_value_", None)) is int for member in (*StreamState, *StreamInputs))
             and all(hasattr(stream.state_machine, name) for name in ("headers_received", "state")))
+
+
+def window_manager_as_expected():
+    """Whether h2's WindowManager consumes a window as the fast path does
+    inline: ``current_window_size`` less the size, an error below 0."""
+    manager = WindowManager(100)
+    manager.window_consumed(60)
+    if manager.current_window_size != 40:
+        return False
+    try:
+        manager.window_consumed(41)
+    except FlowControlError:
+        return manager.current_window_size == -1
+    return False
 
 
 def supported():

@@ -84,7 +84,10 @@ class CachingDecoder(Decoder):
         if type(data) is not bytes or len(data) > MAX_BLOCK:
             self._state = None
             return super().decode(data, raw)
-        state = self._full_state()
+        table = self.header_table
+        entries = table.dynamic_entries
+        state = (entries[0] if entries else None, len(entries), table._maxsize,  # _full_state(), inline
+                 self.max_header_list_size, self.max_allowed_table_size)
         known = self._state
         if known is None or state[0] is not known[0] or state[1:] != known[1:]:
             self._headers.clear()
