@@ -43,7 +43,7 @@ from h2.stream import H2Stream, StreamInputs, StreamState
 
 from etcdproxy.grpc.h2connection import BoundedH2Connection
 from etcdproxy.grpc.h2internals import (
-    QUIET_CONNECTION_STATES, QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_RECEIVING_STATES,
+    DATA_RECEIVED, END_RECEIVED, END_SENT, QUIET_CONNECTION_STATES, QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_RECEIVING_STATES,
     QUIET_WINDOW_STATES, SUPPORTED, UNSET_MAX_CONCURRENT_STREAMS, ping_ack_received, ping_received, step,
     window_updated)
 
@@ -274,9 +274,11 @@ class FastH2Connection(BoundedH2Connection):
         stream open for it, the short way (h2's own window and stream
         handling, without its generic frame handler)."""
         stream = self.streams.get(sid)
-        if (stream is None or self.state_machine.state not in QUIET_RECEIVING_STATES
-                or not (stream.state_machine.state is StreamState.OPEN
-                        or stream.state_machine.state is StreamState.HALF_CLOSED_LOCAL)):
+        if stream is None or self.state_machine.state not in QUIET_RECEIVING_STATES:
+            return self._receive_frame(_DataFrame(sid, data, _DATA_FLAGS[flags]))
+        machine = stream.state_machine
+        state = machine.state
+        if not (state is StreamState.OPEN or state is StreamState.HALF_CLOSED_LOCAL) or not machine.headers_received:
             return self._receive_frame(_DataFrame(sid, data, _DATA_FLAGS[flags]))
         length = len(data)
         # h2's WindowManager.window_consumed, inline while the window holds the
@@ -288,8 +290,7 @@ class FastH2Connection(BoundedH2Connection):
             manager.window_consumed(length)
         # h2's H2Stream.receive_data, less its no-op log.
         end_stream = flags == _END_STREAM
-        machine = stream.state_machine
-        events = step(machine, StreamInputs.RECV_DATA)
+        events = DATA_RECEIVED(machine, state)  # (the state stays as it is)
         manager = stream._inbound_window_manager
         if length <= manager.current_window_size:
             manager.current_window_size -= length
@@ -301,7 +302,8 @@ class FastH2Connection(BoundedH2Connection):
             stream._track_content_length(length, end_stream)
         event = events[0]
         if end_stream:
-            ended = step(machine, StreamInputs.RECV_END_STREAM)
+            transition, machine.state = END_RECEIVED[state]
+            ended = transition(machine, state)
             event.stream_ended = ended[0]
             events += ended
         event.data = data
@@ -409,7 +411,9 @@ class FastH2Connection(BoundedH2Connection):
                 return self._stream_headers_by_h2(stream, headers, end_stream)
         events = step(machine, StreamInputs.RECV_HEADERS)
         if end_stream:
-            ended = step(machine, StreamInputs.RECV_END_STREAM)
+            state = machine.state  # (OPEN or HALF_CLOSED_LOCAL: the states taken here)
+            transition, machine.state = END_RECEIVED[state]
+            ended = transition(machine, state)
             events[0].stream_ended = ended[0]
             events += ended
         events[0].headers = list(headers)
@@ -453,7 +457,9 @@ class FastH2Connection(BoundedH2Connection):
             return super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
         # SEND_DATA leaves both state machines as they are in these states.
         if end_stream:
-            step(stream.state_machine, StreamInputs.SEND_END_STREAM)
+            transition, stream.state_machine.state = END_SENT[state]
+            if transition is not None:
+                transition(stream.state_machine, state)
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
         header = _HEADER.pack(size >> 8, size & 0xFF, _DATA, _END_STREAM if end_stream else 0, stream_id)
@@ -530,7 +536,14 @@ class FastH2Connection(BoundedH2Connection):
         step(machine, StreamInputs.SEND_HEADERS)
         block = self.encoder.encode(headers)
         if end_stream:
-            step(machine, StreamInputs.SEND_END_STREAM)
+            state = machine.state
+            entry = END_SENT.get(state)
+            if entry is None:
+                step(machine, StreamInputs.SEND_END_STREAM)  # (h2's error)
+            else:
+                transition, machine.state = entry
+                if transition is not None:
+                    transition(machine, state)
         if machine.trailers_sent and not end_stream:
             raise ProtocolError("Trailers must have END_STREAM set.")
         if machine.client and stream._authority is None:

@@ -89,6 +89,32 @@ def settings_as_expected():
             and store[SettingCodes.MAX_CONCURRENT_STREAMS][0] == probe.max_concurrent_streams == 7)
 
 
+# Transitions the fast path takes by calling h2's own transition function,
+# without `step`, where the stream's state is known and the function cannot
+# fail (it makes the event, or notes how the stream closed): state -> (h2's
+# function or None, the state after).
+_S, _I = StreamState, StreamInputs
+END_RECEIVED = {state: _stream_transitions.get((state, _I.RECV_END_STREAM))
+                for state in (_S.OPEN, _S.HALF_CLOSED_LOCAL)}
+END_SENT = {state: _stream_transitions.get((state, _I.SEND_END_STREAM))
+            for state in (_S.OPEN, _S.HALF_CLOSED_REMOTE)}
+# DATA on an open stream whose headers came (the function fails only before them).
+DATA_RECEIVED = (_stream_transitions.get((_S.OPEN, _I.RECV_DATA)) or (None, None))[0]
+
+
+def _direct_transitions_as_expected():
+    def named(entry, name, target):
+        func = entry and entry[0]
+        return entry is not None and entry[1] is target and getattr(func, "__name__", None) == name
+    return (named(END_RECEIVED[_S.OPEN], "stream_half_closed", _S.HALF_CLOSED_REMOTE)
+            and named(END_RECEIVED[_S.HALF_CLOSED_LOCAL], "stream_ended", _S.CLOSED)
+            and END_SENT[_S.OPEN] == (None, _S.HALF_CLOSED_LOCAL)
+            and named(END_SENT[_S.HALF_CLOSED_REMOTE], "send_end_stream", _S.CLOSED)
+            and _stream_transitions.get((_S.OPEN, _I.RECV_DATA)) == (DATA_RECEIVED, _S.OPEN)
+            and _stream_transitions.get((_S.HALF_CLOSED_LOCAL, _I.RECV_DATA)) == (DATA_RECEIVED, _S.HALF_CLOSED_LOCAL)
+            and getattr(DATA_RECEIVED, "__name__", None) == "data_received")
+
+
 def event_maker(cls, *fields):
     """A function making h2's ``cls`` event from values of its ``fields``: h2
     4.3 and later build events with keywords, earlier h2 without arguments."""
@@ -150,7 +176,7 @@ def h2_internals_as_expected():
             and all(hasattr(stream, name) for name in (
                 "_expected_content_length", "_actual_content_length", "_track_content_length",
                 "_inbound_window_manager", "request_method"))
-            and window_manager_as_expected()
+            and window_manager_as_expected() and _direct_transitions_as_expected()
             and all(type(getattr(member, "_value_", None)) is int for member in (*StreamState, *StreamInputs))
             and all(hasattr(stream.state_machine, name) for name in ("headers_received", "state")))
 
