@@ -56,8 +56,31 @@ class HeldAcksTests(unittest.TestCase):
 
     def test_stopped_connection_is_not_called(self):
         clock = Clock()
-        a = Released(clock)
+        a, b = Released(clock), Released(clock)
         a.held.hold(ACK)
+        b.held.hold(ACK)
         a.held.stop()
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # b still waits
         clock.advance(CONTROL_DELAY)
         self.assertEqual(a.written, [])
+        self.assertEqual(b.written, [ACK])
+
+    def test_no_timer_left_once_every_connection_stopped(self):
+        clock = Clock()
+        a, b = Released(clock), Released(clock)
+        a.held.hold(ACK)
+        b.held.hold(ACK)
+        a.held.stop()
+        b.held.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_cancelled_timer_is_armed_again(self):
+        # (trial cancels the timed calls a test leaves behind; the timer is shared)
+        clock = Clock()
+        a = Released(clock)
+        a.held.hold(ACK)
+        clock.getDelayedCalls()[0].cancel()
+        b = Released(clock)
+        b.held.hold(ACK)
+        clock.advance(CONTROL_DELAY)
+        self.assertEqual(b.written, [ACK])

@@ -37,17 +37,25 @@ class _Releases:
 
     def __init__(self, reactor):
         self.reactor = reactor
-        self._waiting = []
+        self._waiting = {}  # HeldAcks -> None, in the order they came
         self._call = None
 
     def add(self, held):
-        self._waiting.append(held)
-        if self._call is None:
+        self._waiting[held] = None
+        if self._call is None or not self._call.active():  # (a test's reactor may cancel it)
             self._call = self.reactor.callLater(CONTROL_DELAY, self._run)
+
+    def remove(self, held):
+        """``held`` is gone; no timer is left behind for nothing."""
+        self._waiting.pop(held, None)
+        if not self._waiting and self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
 
     def _run(self):
         self._call = None
-        waiting, self._waiting = self._waiting, []
+        waiting, self._waiting = self._waiting, {}
         for held in waiting:
             held.expired()
 
@@ -92,3 +100,6 @@ class HeldAcks:
     def stop(self):
         self._held = []
         self._release = None  # (a method of the connection: no cycle left behind)
+        if self._waiting:
+            self._waiting = False
+            self._releases.remove(self)
