@@ -43,7 +43,7 @@ from h2.stream import H2Stream, StreamInputs, StreamState
 
 from etcdproxy.grpc.h2connection import BoundedH2Connection
 from etcdproxy.grpc.h2internals import (
-    DATA_RECEIVED, END_RECEIVED, END_SENT, QUIET_CONNECTION_STATES, QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_RECEIVING_STATES,
+    DATA_RECEIVED, END_RECEIVED, END_SENT, HEADERS_RECEIVED, HEADERS_SENT, QUIET_CONNECTION_STATES, QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_RECEIVING_STATES,
     QUIET_WINDOW_STATES, SUPPORTED, UNSET_MAX_CONCURRENT_STREAMS, ping_ack_received, ping_received, step,
     window_updated)
 
@@ -409,9 +409,15 @@ class FastH2Connection(BoundedH2Connection):
         for name, value in headers:
             if name == b"content-length" or (name == b":status" and value[:1] == b"1"):
                 return self._stream_headers_by_h2(stream, headers, end_stream)
-        events = step(machine, StreamInputs.RECV_HEADERS)
+        state = machine.state  # (IDLE, OPEN or HALF_CLOSED_LOCAL: the states taken here)
+        if machine.trailers_received or not (machine.headers_received or machine.client is True
+                                             or state is StreamState.IDLE):
+            events = step(machine, StreamInputs.RECV_HEADERS)  # (h2's error)
+        else:
+            transition, machine.state = HEADERS_RECEIVED[state]
+            events = transition(machine, state)
         if end_stream:
-            state = machine.state  # (OPEN or HALF_CLOSED_LOCAL: the states taken here)
+            state = machine.state  # (now OPEN or HALF_CLOSED_LOCAL)
             transition, machine.state = END_RECEIVED[state]
             ended = transition(machine, state)
             events[0].stream_ended = ended[0]
@@ -533,7 +539,14 @@ class FastH2Connection(BoundedH2Connection):
         machine = stream.state_machine
         if informational and not machine.client:
             return super().send_headers(stream_id, headers, end_stream)
-        step(machine, StreamInputs.SEND_HEADERS)
+        state = machine.state
+        entry = HEADERS_SENT.get(state)
+        if entry is None or machine.trailers_sent or not (machine.headers_sent or machine.client is False
+                                                          or state is StreamState.IDLE):
+            step(machine, StreamInputs.SEND_HEADERS)  # (h2's error, or its transition elsewhere)
+        else:
+            transition, machine.state = entry
+            transition(machine, state)
         block = self.encoder.encode(headers)
         if end_stream:
             state = machine.state

@@ -100,6 +100,14 @@ END_SENT = {state: _stream_transitions.get((state, _I.SEND_END_STREAM))
             for state in (_S.OPEN, _S.HALF_CLOSED_REMOTE)}
 # DATA on an open stream whose headers came (the function fails only before them).
 DATA_RECEIVED = (_stream_transitions.get((_S.OPEN, _I.RECV_DATA)) or (None, None))[0]
+# Header blocks, where h2's function fails only on what the caller checks first:
+# received, a request on a new stream, a response on a client's stream (trailers
+# after either); sent, a request on a new stream, a response on a server's stream
+# (trailers after either).
+HEADERS_RECEIVED = {state: _stream_transitions.get((state, _I.RECV_HEADERS))
+                    for state in (_S.IDLE, _S.OPEN, _S.HALF_CLOSED_LOCAL)}
+HEADERS_SENT = {state: _stream_transitions.get((state, _I.SEND_HEADERS))
+                for state in (_S.IDLE, _S.OPEN, _S.HALF_CLOSED_REMOTE)}
 
 
 def _direct_transitions_as_expected():
@@ -112,7 +120,13 @@ def _direct_transitions_as_expected():
             and named(END_SENT[_S.HALF_CLOSED_REMOTE], "send_end_stream", _S.CLOSED)
             and _stream_transitions.get((_S.OPEN, _I.RECV_DATA)) == (DATA_RECEIVED, _S.OPEN)
             and _stream_transitions.get((_S.HALF_CLOSED_LOCAL, _I.RECV_DATA)) == (DATA_RECEIVED, _S.HALF_CLOSED_LOCAL)
-            and getattr(DATA_RECEIVED, "__name__", None) == "data_received")
+            and getattr(DATA_RECEIVED, "__name__", None) == "data_received"
+            and named(HEADERS_RECEIVED[_S.IDLE], "request_received", _S.OPEN)
+            and named(HEADERS_RECEIVED[_S.OPEN], "response_received", _S.OPEN)
+            and named(HEADERS_RECEIVED[_S.HALF_CLOSED_LOCAL], "response_received", _S.HALF_CLOSED_LOCAL)
+            and named(HEADERS_SENT[_S.IDLE], "request_sent", _S.OPEN)
+            and named(HEADERS_SENT[_S.OPEN], "response_sent", _S.OPEN)
+            and named(HEADERS_SENT[_S.HALF_CLOSED_REMOTE], "response_sent", _S.HALF_CLOSED_REMOTE))
 
 
 def event_maker(cls, *fields):
