@@ -71,6 +71,9 @@ NO_LISTENER = _NoListener()
 class ClientCall(MessageStream):
     """One outgoing call. Messages sent before the connection is up are queued."""
 
+    __slots__ = ("channel", "method", "metadata", "listener", "timeout", "_http_status", "_trailers",
+                 "_finished", "_end_sent", "_timer")
+
     def __init__(self, channel, method, metadata, listener, timeout):
         super().__init__(None, None, channel.limits)
         self.channel = channel

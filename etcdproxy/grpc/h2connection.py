@@ -39,6 +39,7 @@ def _receive_frame_as_expected():
 
 
 _RECEIVE_FRAME_AS_EXPECTED = _receive_frame_as_expected()
+_CLOSED = StreamState.CLOSED  # (an enum's member read from its class costs a Python call)
 
 
 class _HeaderBlockBuffer(FrameBuffer):
@@ -194,7 +195,7 @@ class BoundedH2Connection(H2Connection):
         stream = self.streams.get(stream_id)
         if stream is not None:
             machine = stream.state_machine  # (h2's ``closed`` and ``closed_by`` read it)
-            if machine.state is StreamState.CLOSED:
+            if machine.state is _CLOSED:
                 del self.streams[stream_id]
                 self._closed_streams[stream_id] = machine.stream_closed_by
 

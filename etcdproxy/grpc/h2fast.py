@@ -61,6 +61,9 @@ _PING_ACK_HEADER = _HEADER.pack(0, 8, _PING, 0x1, 0)
 _LARGE_PAYLOAD = 4096
 _CONNECTION_WINDOW_UPDATE_HEADER = _HEADER.pack(0, 4, _WINDOW_UPDATE, 0, 0)
 _INITIAL_WINDOW_SIZE = SettingCodes.INITIAL_WINDOW_SIZE
+# (an enum's member read from its class costs a Python call on every read)
+_IDLE, _OPEN, _HALF_CLOSED_LOCAL, _HALF_CLOSED_REMOTE = (
+    StreamState.IDLE, StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE)
 _MAX_CONCURRENT_STREAMS = SettingCodes.MAX_CONCURRENT_STREAMS
 
 
@@ -278,7 +281,7 @@ class FastH2Connection(BoundedH2Connection):
             return self._receive_frame(_DataFrame(sid, data, _DATA_FLAGS[flags]))
         machine = stream.state_machine
         state = machine.state
-        if not (state is StreamState.OPEN or state is StreamState.HALF_CLOSED_LOCAL) or not machine.headers_received:
+        if not (state is _OPEN or state is _HALF_CLOSED_LOCAL) or not machine.headers_received:
             return self._receive_frame(_DataFrame(sid, data, _DATA_FLAGS[flags]))
         length = len(data)
         # h2's WindowManager.window_consumed, inline while the window holds the
@@ -357,7 +360,7 @@ class FastH2Connection(BoundedH2Connection):
             stream = self._new_stream(sid)
         else:
             state = stream.state_machine.state
-            if not (state is StreamState.OPEN or state is StreamState.HALF_CLOSED_LOCAL):
+            if not (state is _OPEN or state is _HALF_CLOSED_LOCAL):
                 return self._receive_frame(_HeadersFrame(sid, block, _HEADERS_FLAGS[flags]))
             headers = _decode_headers(self.decoder, block)
         return self._stream_received_headers(stream, headers, flags == _END_HEADERS | _END_STREAM)
@@ -411,7 +414,7 @@ class FastH2Connection(BoundedH2Connection):
                 return self._stream_headers_by_h2(stream, headers, end_stream)
         state = machine.state  # (IDLE, OPEN or HALF_CLOSED_LOCAL: the states taken here)
         if machine.trailers_received or not (machine.headers_received or machine.client is True
-                                             or state is StreamState.IDLE):
+                                             or state is _IDLE):
             events = step(machine, StreamInputs.RECV_HEADERS)  # (h2's error)
         else:
             transition, machine.state = HEADERS_RECEIVED[state]
@@ -459,7 +462,7 @@ class FastH2Connection(BoundedH2Connection):
                 or size > self.max_outbound_frame_size):
             return super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
         state = stream.state_machine.state
-        if state is not StreamState.OPEN and state is not StreamState.HALF_CLOSED_REMOTE:
+        if state is not _OPEN and state is not _HALF_CLOSED_REMOTE:
             return super().send_data(stream_id, data, end_stream=end_stream, pad_length=pad_length)
         # SEND_DATA leaves both state machines as they are in these states.
         if end_stream:
@@ -542,7 +545,7 @@ class FastH2Connection(BoundedH2Connection):
         state = machine.state
         entry = HEADERS_SENT.get(state)
         if entry is None or machine.trailers_sent or not (machine.headers_sent or machine.client is False
-                                                          or state is StreamState.IDLE):
+                                                          or state is _IDLE):
             step(machine, StreamInputs.SEND_HEADERS)  # (h2's error, or its transition elsewhere)
         else:
             transition, machine.state = entry

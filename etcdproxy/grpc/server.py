@@ -87,6 +87,9 @@ _ENDED = _Ended()
 class ServerCall(MessageStream):
     """One incoming call, as its handler sees it."""
 
+    __slots__ = ("method", "metadata", "deadline", "handler", "_headers_sent", "_finished", "_remote_closed",
+                 "_ended", "_timer", "_end_callbacks", "_started_at")
+
     def __init__(self, protocol, stream_id, method, metadata, deadline, encoding):
         super().__init__(protocol, stream_id, protocol.limits, encoding)
         self.method = method
