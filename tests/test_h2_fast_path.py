@@ -461,6 +461,26 @@ class MisuseTests(unittest.TestCase):
                         del SEND_HEADERS["odd"]
                 self.assertEqual(outcomes[0], outcomes[1], (headers, sid))
 
+    def test_next_stream_id_up_to_the_last(self):
+        for client_side in (True, False):
+            plain, fast = opened(client_side)
+            ids = []
+            for conn in (plain, fast):
+                first = conn.get_next_available_stream_id()
+                conn.send_headers(first, list(SEND_HEADERS["request" if client_side else "response"]))
+                second = conn.get_next_available_stream_id()
+                conn.highest_outbound_stream_id = conn.HIGHEST_ALLOWED_STREAM_ID - (2 if client_side else 3)
+                last = conn.get_next_available_stream_id()
+                conn.highest_outbound_stream_id = last
+                try:
+                    conn.get_next_available_stream_id()
+                    past = None
+                except Exception as e:
+                    past = (type(e).__name__, str(e))
+                ids.append((first, second, last, past))
+            self.assertEqual(ids[0], ids[1])
+            self.assertEqual(ids[1][3][0], "NoAvailableStreamIDError")
+
     def test_wide_memoryview_and_non_bytes_reads(self):
         plain, fast = opened(False)
         block = REQUEST

@@ -8,15 +8,19 @@ the fate of 65536 closed streams, and ends the connection on any GOAWAY.
 trace log; the rest of the protocol is h2's.
 """
 
-from h2.connection import ConnectionInputs, H2Connection
+from collections import OrderedDict
+
+from h2.connection import ConnectionInputs, H2Connection, _decode_headers
 from h2.errors import ErrorCodes
 from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError, StreamIDTooLowError
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamClosedBy, StreamState
-from hpack import HPACKError, OversizedHeaderListError
+from h2.utilities import SizeLimitDict
 from hyperframe.frame import ContinuationFrame, RstStreamFrame
 
 from etcdproxy.grpc.hpackcache import CachingDecoder, CachingEncoder
+
+_ORDERED_SET = OrderedDict.__setitem__
 
 
 def _receive_frame_as_expected():
@@ -167,12 +171,7 @@ class BoundedH2Connection(H2Connection):
         return super()._receive_headers_frame(frame)
 
     def _refuse_stream(self, frame):
-        try:
-            self.decoder.decode(frame.data, raw=True)
-        except OversizedHeaderListError as e:
-            raise DenialOfServiceError(f"Oversized header block: {e}") from e
-        except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as e:
-            raise ProtocolError(f"Error decoding header block: {e}") from e
+        _decode_headers(self.decoder, frame.data)
         events = self.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
         self.highest_inbound_stream_id = frame.stream_id
         # Later frames of the stream get h2's answer to a stream it reset.
@@ -197,7 +196,14 @@ class BoundedH2Connection(H2Connection):
             machine = stream.state_machine  # (h2's ``closed`` and ``closed_by`` read it)
             if machine.state is _CLOSED:
                 del self.streams[stream_id]
-                self._closed_streams[stream_id] = machine.stream_closed_by
+                closed = self._closed_streams
+                if type(closed) is SizeLimitDict:
+                    # h2's SizeLimitDict.__setitem__, without its two Python calls
+                    _ORDERED_SET(closed, stream_id, machine.stream_closed_by)
+                    if len(closed) > self.MAX_CLOSED_STREAMS:
+                        closed._check_size_limit()
+                else:
+                    closed[stream_id] = machine.stream_closed_by
 
     def _open_streams(self, remainder):
         outbound = remainder == (1 if self.config.client_side else 0)

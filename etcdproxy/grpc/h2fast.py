@@ -34,18 +34,18 @@ was written against; a test fails if it turns itself off.
 import os
 import struct
 
+from hpack import HPACKError, OversizedHeaderListError
 from hyperframe.exceptions import InvalidDataError, InvalidFrameError
 from hyperframe.frame import Frame
-from h2.connection import _decode_headers
-from h2.exceptions import ProtocolError
+from h2.exceptions import DenialOfServiceError, ProtocolError
 from h2.settings import SettingCodes
 from h2.stream import H2Stream, StreamInputs, StreamState
 
 from etcdproxy.grpc.h2connection import BoundedH2Connection
 from etcdproxy.grpc.h2internals import (
-    DATA_RECEIVED, END_RECEIVED, END_SENT, HEADERS_RECEIVED, HEADERS_SENT, QUIET_CONNECTION_STATES, QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_RECEIVING_STATES,
-    QUIET_WINDOW_STATES, SUPPORTED, UNSET_MAX_CONCURRENT_STREAMS, ping_ack_received, ping_received, step,
-    window_updated)
+    DATA_RECEIVED, END_RECEIVED, END_SENT, HEADERS_RECEIVED, HEADERS_SENT, QUIET_CONNECTION_STATES,
+    QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_RECEIVING_STATES, QUIET_WINDOW_STATES, SUPPORTED,
+    UNSET_MAX_CONCURRENT_STREAMS, ping_ack_received, ping_received, step, window_updated)
 
 # Off (plain h2 for every frame) with ETCDPROXY_H2_FAST_PATH=0, to compare the two
 # (bench/h2_layer.py --plain, the differential tests).
@@ -355,14 +355,19 @@ class FastH2Connection(BoundedH2Connection):
             if (not self._server_side or not sid & 1 or sid <= self.highest_inbound_stream_id
                     or self._over_stream_limit(self.local_settings, outbound=False)):
                 return self._receive_frame(_HeadersFrame(sid, block, _HEADERS_FLAGS[flags]))
-            headers = _decode_headers(self.decoder, block)
-            self.highest_inbound_stream_id = sid
-            stream = self._new_stream(sid)
         else:
             state = stream.state_machine.state
             if not (state is _OPEN or state is _HALF_CLOSED_LOCAL):
                 return self._receive_frame(_HeadersFrame(sid, block, _HEADERS_FLAGS[flags]))
-            headers = _decode_headers(self.decoder, block)
+        try:  # h2's _decode_headers, inline
+            headers = self.decoder.decode(block, raw=True)
+        except OversizedHeaderListError as e:
+            raise DenialOfServiceError(f"Oversized header block: {e}") from e
+        except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as e:
+            raise ProtocolError(f"Error decoding header block: {e}") from e
+        if stream is None:
+            self.highest_inbound_stream_id = sid
+            stream = self._new_stream(sid)
         return self._stream_received_headers(stream, headers, flags == _END_HEADERS | _END_STREAM)
 
     def _new_stream(self, stream_id):
@@ -375,6 +380,14 @@ class FastH2Connection(BoundedH2Connection):
         stream.max_outbound_frame_size = self.max_outbound_frame_size
         self.streams[stream_id] = stream
         return stream
+
+    def get_next_available_stream_id(self):
+        # h2's own, less its no-op log (h2's error past the last id)
+        highest = self.highest_outbound_stream_id
+        stream_id = highest + 2 if highest else 2 if self._server_side else 1
+        if stream_id > self.HIGHEST_ALLOWED_STREAM_ID:
+            return super().get_next_available_stream_id()
+        return stream_id
 
     def local_flow_control_window(self, stream_id):
         stream = self.streams.get(stream_id)
@@ -484,6 +497,10 @@ class FastH2Connection(BoundedH2Connection):
     def data_to_send(self, amount=None):
         queued = self._queued_output
         if not queued:
+            if amount is None:  # h2's own for all of it
+                data = bytes(self._data_to_send)
+                self._data_to_send = bytearray()
+                return data
             return super().data_to_send(amount)
         queued.append(self._data_to_send)
         data = b"".join(queued)  # the one copy of a large payload on its way out

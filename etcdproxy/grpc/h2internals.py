@@ -176,6 +176,10 @@ def h2_internals_as_expected():
         if entry is None or entry[1] != target:
             return False
     probe = BoundedH2Connection(H2Configuration(client_side=True), 16384)
+    # h2's data_to_send() for all of it: its output buffer as bytes, then a new one
+    probe._data_to_send += b"x"
+    if probe.data_to_send() != b"x" or probe._data_to_send != bytearray():
+        return False
     buffer = probe.incoming_buffer
     stream = probe._get_or_create_stream(1, AllowedStreamIDs.ODD)
     return (isinstance(getattr(probe, "_frame_dispatch_table", None), dict)
