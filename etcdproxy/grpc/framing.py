@@ -18,6 +18,16 @@ def message_prefix(length):
     return _PREFIX.pack(0, length)
 
 
+def whole_message(data, max_size):
+    """The body of ``data`` when it is one whole uncompressed message of at
+    most ``max_size`` bytes (the usual DATA frame of a unary call), else None."""
+    if type(data) is bytes and len(data) >= PREFIX_SIZE:
+        flag, length = _PREFIX.unpack_from(data)
+        if flag == 0 and len(data) == PREFIX_SIZE + length and length <= max_size:
+            return data[PREFIX_SIZE:]
+    return None
+
+
 class MessageDecoder:
     """Splits a byte stream into messages.
 
@@ -39,11 +49,10 @@ class MessageDecoder:
 
     def feed(self, data):
         """Returns the list of complete message bodies; raises GRPCError on bad input."""
-        if self._needed is None and not self._buffer and type(data) is bytes and len(data) >= PREFIX_SIZE:
-            # The usual case, one whole uncompressed message in one DATA frame.
-            flag, length = _PREFIX.unpack_from(data)
-            if flag == 0 and len(data) == PREFIX_SIZE + length and length <= self.max_size:
-                return [data[PREFIX_SIZE:]]
+        if self._needed is None and not self._buffer:
+            body = whole_message(data, self.max_size)
+            if body is not None:
+                return [body]
         buf = self._buffer
         buf += data
         messages = []

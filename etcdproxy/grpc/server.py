@@ -268,7 +268,7 @@ class ServerCall(MessageStream):
         self._remote_closed = True
         if self._ended:
             return  # the trailers, when sent, see _remote_closed
-        if self.decoder.has_partial_message:
+        if self.partial_message_received:
             # What etcd (grpc-go) answers for a stream that ends inside a message.
             self._ended_by_us(GRPCError(StatusCode.UNKNOWN, "unexpected EOF"))
             return

@@ -17,7 +17,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-from etcdproxy.grpc.framing import PREFIX_SIZE, MessageDecoder, encode_message, message_prefix
+from etcdproxy.grpc.framing import PREFIX_SIZE, MessageDecoder, encode_message, message_prefix, whole_message
 from etcdproxy.grpc.status import GRPCError
 
 # Payloads from this size on are queued as they are, behind a prefix of their own.
@@ -35,7 +35,7 @@ class MessageStream:
 
     # (a call's objects are made and dropped by the thousand a second: slots
     # make them quicker to make and to read)
-    __slots__ = ("protocol", "stream_id", "limits", "decoder", "_out", "_out_size", "_out_large", "_head_tail",
+    __slots__ = ("protocol", "stream_id", "limits", "_encoding", "_decoder", "_out", "_out_size", "_out_large", "_head_tail",
                  "_end", "_end_stream", "_producer", "_producer_paused", "_receiving_paused", "_held",
                  "_end_held", "_resuming", "_sending_stopped", "_unacked", "closed", "blocked_since",
                  "__weakref__")
@@ -44,7 +44,8 @@ class MessageStream:
         self.protocol = protocol  # None until a client call is attached to a connection
         self.stream_id = stream_id
         self.limits = limits
-        self.decoder = MessageDecoder(limits.max_receive_message, encoding)
+        self._encoding = encoding
+        self._decoder = None  # made once a message comes in pieces (or compressed)
         self._out = []  # pieces of the queued messages (whole ones, or a prefix and a large payload)
         self._out_size = 0
         self._out_large = False  # _out holds a large payload as it is
@@ -246,12 +247,24 @@ class MessageStream:
         """The peer has ended its side; only held data remains to deliver."""
         return self._end_held
 
+    @property
+    def partial_message_received(self):
+        """The peer sent the start of a message and not yet its end."""
+        return self._decoder is not None and self._decoder.has_partial_message
+
     def _consume(self, data, flow_length):
-        try:
-            messages = self.decoder.feed(data)
-        except GRPCError as e:
-            self._receive_failed(e)
-            return
+        decoder = self._decoder
+        body = whole_message(data, self.limits.max_receive_message) if decoder is None else None
+        if body is not None:
+            messages = (body,)
+        else:
+            if decoder is None:
+                decoder = self._decoder = MessageDecoder(self.limits.max_receive_message, self._encoding)
+            try:
+                messages = decoder.feed(data)
+            except GRPCError as e:
+                self._receive_failed(e)
+                return
         # The window back to the peer once a quarter of it is handed on.
         self._unacked += flow_length
         if self._unacked >= self.limits.stream_window // 4:
@@ -267,7 +280,8 @@ class MessageStream:
 
     def close(self):
         self.closed = True
-        self.decoder.release()
+        if self._decoder is not None:
+            self._decoder.release()
         self._out = []
         self._out_size = 0
         self._out_large = False
