@@ -73,10 +73,10 @@ class CallMetrics:
         return figures
 
     def call_started(self, method):
-        self._figures(method).started += 1
+        (self._methods.get(method) or self._figures(method)).started += 1
 
     def call_ended(self, method, code, seconds):
-        figures = self._figures(method)
+        figures = self._methods.get(method) or self._figures(method)
         figures.handled[code] = figures.handled.get(code, 0) + 1
         figures.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
         figures.seconds += seconds

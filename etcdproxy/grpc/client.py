@@ -222,7 +222,8 @@ class ClientCall(MessageStream):
             return
         self._finished = True
         self._cancel_timer()
-        self.close()
+        if not self.closed:  # (closed already when the stream is done)
+            self.close()
         listener, self.listener = self.listener, NO_LISTENER
         listener.call_finished(error, metadata)
 

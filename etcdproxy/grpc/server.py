@@ -123,10 +123,13 @@ class ServerCall(MessageStream):
         self._started_at = self.protocol.reactor.seconds()
         for observer in self.protocol.factory.observers:
             observer.call_started(self.method)
-        remaining = self.time_remaining()
-        if remaining is not None:
+        if self.deadline is not None:
+            remaining = self.deadline - self._started_at
             self._timer = self.protocol.reactor.callLater(max(0, remaining), self._deadline_expired)
-        self._invoke(handler.call_started, self)
+        try:  # (the handler is called this way, not by _invoke, where calls are many)
+            handler.call_started(self)
+        except Exception:
+            self._handler_failed(handler.call_started)
 
     # -- handler API ------------------------------------------------------------
 
@@ -235,11 +238,14 @@ class ServerCall(MessageStream):
         try:
             method(*args)
         except Exception:
-            _log.failure("handler {method} failed for {path}", method=method.__qualname__,
-                         path=self.method)
-            if not self._ended:
-                self._ended = True
-                self.finish(StatusCode.INTERNAL, "internal error in the proxy")
+            self._handler_failed(method)
+
+    def _handler_failed(self, method):
+        """Called while the handler's exception is handled."""
+        _log.failure("handler {method} failed for {path}", method=method.__qualname__, path=self.method)
+        if not self._ended:
+            self._ended = True
+            self.finish(StatusCode.INTERNAL, "internal error in the proxy")
 
     def _cancel_timer(self):
         if self._timer is not None:
@@ -251,7 +257,11 @@ class ServerCall(MessageStream):
 
     def _deliver(self, message):
         if not self._ended:
-            self._invoke(self.handler.request_received, message)
+            handler = self.handler
+            try:
+                handler.request_received(message)
+            except Exception:
+                self._handler_failed(handler.request_received)
 
     def _receive_failed(self, error):
         self._ended_by_us(error)
@@ -272,7 +282,11 @@ class ServerCall(MessageStream):
             # What etcd (grpc-go) answers for a stream that ends inside a message.
             self._ended_by_us(GRPCError(StatusCode.UNKNOWN, "unexpected EOF"))
             return
-        self._invoke(self.handler.half_closed)
+        handler = self.handler
+        try:
+            handler.half_closed()
+        except Exception:
+            self._handler_failed(handler.half_closed)
 
     def reset_received(self, error_code):
         self._end_abruptly(GRPCError(StatusCode.CANCELLED, "call cancelled by the client"))
