@@ -117,6 +117,7 @@ class BoundedH2Connection(H2Connection):
         self.decoder = decoder
         self.encoder = CachingEncoder()
         self._walked = {}  # parity -> (open count, highest stream id) at the last walk
+        self._outbound_remainder = 1 if config.client_side else 0  # (stream id % 2 of ours)
         self._walk_at = 64
 
     if _RECEIVE_FRAME_AS_EXPECTED:
@@ -205,16 +206,18 @@ class BoundedH2Connection(H2Connection):
                 else:
                     closed[stream_id] = machine.stream_closed_by
 
-    def _open_streams(self, remainder):
-        outbound = remainder == (1 if self.config.client_side else 0)
+    def _open_streams(self, remainder, limit=None):
+        # ``limit``: the side's max_concurrent_streams, when the caller has it
+        outbound = remainder == self._outbound_remainder
         highest = self.highest_outbound_stream_id if outbound else self.highest_inbound_stream_id
         highest = highest or 0
         if len(self.streams) < self._walk_at and remainder in self._walked:
             count, highest_then = self._walked[remainder]
             # ids of this parity in (highest_then, highest]
             bound = count + (highest - remainder) // 2 - (highest_then - remainder) // 2
-            settings = self.remote_settings if outbound else self.local_settings
-            if bound + 1 <= settings.max_concurrent_streams:
+            if limit is None:
+                limit = (self.remote_settings if outbound else self.local_settings).max_concurrent_streams
+            if bound + 1 <= limit:
                 return bound
         count = super()._open_streams(remainder)
         self._walked[remainder] = (count, highest)

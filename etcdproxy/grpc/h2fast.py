@@ -194,13 +194,37 @@ class FastH2Connection(BoundedH2Connection):
             take = min(buffer._preamble_len, len(data))
             events.extend(super().receive_data(data[:take]))
             data = data[take:]
-        if self._partial:
-            data = self._partial + data
-            self._partial = b""
-        elif type(data) is not bytes:
+        if type(data) is not bytes:
             data = bytes(data)
+        partial = self._partial
+        if partial:
+            self._partial = b""
+            rest = 9 + int.from_bytes(partial[:3], "big") - len(partial) if len(partial) >= 9 else len(data) + 1
+            if rest > len(data):
+                data = partial + data  # (the frame held is not whole yet)
+            else:
+                # The frame held, completed by the start of this read: only that
+                # frame is joined, not the whole read (a large answer's reads
+                # mostly end inside a frame: this was a copy of all of it).
+                try:
+                    events += self._receive_frames(partial + data[:rest], 0)
+                except BaseException:
+                    buffer.add_data(data[rest:])  # (h2 has the rest, as below)
+                    raise
+                if not self._fast:
+                    events += super().receive_data(data[rest:])
+                    return events
+                events += self._receive_frames(data, rest)
+                return events
+        events += self._receive_frames(data, 0)
+        return events
+
+    def _receive_frames(self, data, position):
+        """The events of the frames in ``data`` (bytes) from ``position`` on;
+        what is left of a frame not whole is kept for the next read."""
+        events = []
+        buffer = self.incoming_buffer
         size = len(data)
-        position = 0
         slow = None  # where the frames for h2 start, before ``position``
         max_size = self.max_inbound_frame_size
         try:
@@ -399,18 +423,14 @@ class FastH2Connection(BoundedH2Connection):
 
     def _over_stream_limit(self, settings, outbound):
         """Whether one more stream would pass the open streams ``settings``
-        allow (h2's ``open_outbound_streams`` / ``open_inbound_streams`` + 1 >
-        ``max_concurrent_streams``). The table holds at least the open streams,
-        so while it is short of the limit, and of the size at which
-        `BoundedH2Connection` walks it (and forgets the closed ones), the answer
-        is no without counting."""
-        entry = settings._settings.get(_MAX_CONCURRENT_STREAMS)  # (see h2internals)
+        allow: h2's ``open_outbound_streams`` / ``open_inbound_streams`` + 1 >
+        ``max_concurrent_streams``, counted as `BoundedH2Connection` counts
+        (which walks the table, and forgets its closed streams, when h2 would
+        too), the limit read from h2's settings store (see h2internals)."""
+        entry = settings._settings.get(_MAX_CONCURRENT_STREAMS)
         limit = UNSET_MAX_CONCURRENT_STREAMS if entry is None or entry[0] is None else entry[0]
-        size = len(self.streams)
-        if size < limit and size < self._walk_at:
-            return False
-        open_streams = self.open_outbound_streams if outbound else self.open_inbound_streams
-        return open_streams + 1 > limit
+        remainder = self._outbound_remainder if outbound else 1 - self._outbound_remainder
+        return self._open_streams(remainder, limit) + 1 > limit
 
     def _stream_received_headers(self, stream, headers, end_stream):
         """h2's ``H2Stream.receive_headers`` for a block with neither a 1xx
