@@ -532,6 +532,26 @@ class PureLogicTests(unittest.TestCase):
         self.assertEqual(application_metadata(request),
                          [(b"token", b"abc"), (b"hasleader", b"true"), (b"x-bin", b"\x00"), (b"token", b"second")])
 
+    def test_decoder_hands_over_a_large_message_that_fills_its_buffer(self):
+        big = bytes(range(256)) * 1024  # 256 KiB
+        decoder = MessageDecoder(10 << 20)
+        framed = encode_message(big)
+        bodies = []
+        for start in range(0, len(framed), 16384):
+            bodies += decoder.feed(framed[start:start + 16384])
+        self.assertEqual(len(bodies), 1)
+        body = bodies[0]
+        self.assertIsInstance(body, memoryview)  # not copied out of the buffer
+        self.assertTrue(body.readonly)
+        self.assertEqual(body, big)
+        # the decoder goes on with a buffer of its own: the body stays as it was
+        second = encode_message(b"x" * 70000) + encode_message(b"next")[:3]
+        got = decoder.feed(second[:40000]) + decoder.feed(second[40000:])
+        self.assertEqual(got, [b"x" * 70000])
+        self.assertIsInstance(got[0], bytes)  # (the next message's start was behind it: copied)
+        self.assertEqual(decoder.feed(encode_message(b"next")[3:]), [b"next"])
+        self.assertEqual(body, big)
+
     def test_decoder_any_cuts(self):
         # Messages of every size, cut anywhere (a large one over many DATA
         # frames, several in one): the same bodies, in order, nothing left over.

@@ -56,8 +56,9 @@ _DATA, _HEADERS, _PING, _WINDOW_UPDATE = 0x0, 0x1, 0x6, 0x8
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 _MAX_WINDOW = 2**31 - 1
 _PING_ACK_HEADER = _HEADER.pack(0, 8, _PING, 0x1, 0)
-# DATA payloads from this size on are queued for sending as they are (immutable
-# bytes, or views of them), not copied into h2's output buffer first.
+# DATA payloads from this size on are queued for sending as they are (bytes, or
+# read-only views, which the proxy never changes once sent), not copied into
+# h2's output buffer first.
 _LARGE_PAYLOAD = 4096
 _CONNECTION_WINDOW_UPDATE_HEADER = _HEADER.pack(0, 4, _WINDOW_UPDATE, 0, 0)
 _INITIAL_WINDOW_SIZE = SettingCodes.INITIAL_WINDOW_SIZE
@@ -505,7 +506,7 @@ class FastH2Connection(BoundedH2Connection):
         stream.outbound_flow_control_window -= size
         self.outbound_flow_control_window -= size
         header = _HEADER.pack(size >> 8, size & 0xFF, _DATA, _END_STREAM if end_stream else 0, stream_id)
-        if size >= _LARGE_PAYLOAD and (type(data) is bytes or type(data.obj) is bytes):
+        if size >= _LARGE_PAYLOAD and (type(data) is bytes or data.readonly):  # (a read-only view: unchanging)
             # h2's buffer so far, then this frame, kept in order until data_to_send()
             self._queued_output += (self._data_to_send, header, data)
             self._data_to_send = bytearray()

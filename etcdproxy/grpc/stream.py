@@ -80,8 +80,10 @@ class MessageStream:
         if len(payload) < SEPARATE_PAYLOAD:
             self._out.append(encode_message(payload))
         else:
-            if type(payload) is not bytes and not (type(payload) is memoryview and type(payload.obj) is bytes):
-                payload = bytes(payload)  # kept as it is only when it cannot change
+            if type(payload) is not bytes and not (type(payload) is memoryview and payload.readonly):
+                # kept as it is only when it does not change: bytes, or a read-only
+                # view (what a decoder hands on, see framing.MessageDecoder.feed)
+                payload = bytes(payload)
             self._out += (message_prefix(len(payload)), payload)
             self._out_large = True
         self._out_size += PREFIX_SIZE + len(payload)
