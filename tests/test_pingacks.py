@@ -54,23 +54,24 @@ class HeldAcksTests(unittest.TestCase):
         a.held.hold(ACK)
         self.assertEqual(a.held.with_output(b"goaway", after=False), ACK + b"goaway")
 
-    def test_stopped_connection_is_not_called(self):
+    def two_holding(self):
+        """A clock, and two connections on it holding an ACK each, one stopped."""
         clock = Clock()
         a, b = Released(clock), Released(clock)
         a.held.hold(ACK)
         b.held.hold(ACK)
         a.held.stop()
+        return clock, a, b
+
+    def test_stopped_connection_is_not_called(self):
+        clock, a, b = self.two_holding()
         self.assertEqual(len(clock.getDelayedCalls()), 1)  # b still waits
         clock.advance(CONTROL_DELAY)
         self.assertEqual(a.written, [])
         self.assertEqual(b.written, [ACK])
 
     def test_no_timer_left_once_every_connection_stopped(self):
-        clock = Clock()
-        a, b = Released(clock), Released(clock)
-        a.held.hold(ACK)
-        b.held.hold(ACK)
-        a.held.stop()
+        clock, a, b = self.two_holding()
         b.held.stop()
         self.assertEqual(clock.getDelayedCalls(), [])
 

@@ -7,6 +7,8 @@ The ACKs ride along with the next write on the connection instead, or go on
 their own after `CONTROL_DELAY`.
 """
 
+from etcdproxy.grpc.perreactor import PerReactor
+
 # Longer than most calls take, so that the answer to the next call carries them.
 CONTROL_DELAY = 0.05
 
@@ -21,22 +23,13 @@ def only_ping_acks(data):
     return True
 
 
-class _Releases:
+class _Releases(PerReactor):
     """One timer per reactor for the ACKs every connection holds: a timer of
     their own per connection, armed on most calls under grpc-go's pings, cost
     a third of a timed call per proxied call (the reactor's heap of timers)."""
 
-    _by_reactor = {}
-
-    @classmethod
-    def of(cls, reactor):
-        releases = cls._by_reactor.get(id(reactor))
-        if releases is None or releases.reactor is not reactor:
-            releases = cls._by_reactor[id(reactor)] = cls(reactor)
-        return releases
-
     def __init__(self, reactor):
-        self.reactor = reactor
+        super().__init__(reactor)
         self._waiting = {}  # HeldAcks -> None, in the order they came
         self._call = None
 

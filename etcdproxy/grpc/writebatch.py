@@ -7,26 +7,20 @@ turn, after every read of this one.
 
 from twisted.logger import Logger
 
+from etcdproxy.grpc.perreactor import PerReactor
 
-class WriteBatch:
-    """The connections with output pending on one reactor.
+
+class WriteBatch(PerReactor):
+    """The connections with output pending on one reactor (``WriteBatch.of(reactor)``).
 
     A connection joins with `add` and is written by its ``_flush_now()``;
     `enter`/`leave` bracket a read.
     """
 
-    _by_reactor = {}
     _log = Logger()
 
-    @classmethod
-    def of(cls, reactor):
-        batch = cls._by_reactor.get(id(reactor))
-        if batch is None or batch.reactor is not reactor:
-            batch = cls._by_reactor[id(reactor)] = cls(reactor)
-        return batch
-
     def __init__(self, reactor):
-        self.reactor = reactor
+        super().__init__(reactor)
         self.depth = 0
         self.pending = []
         self._call = None
