@@ -176,7 +176,8 @@ def h2_state(conn):
                         stream._authority, stream.request_method, stream.state_machine.client,
                         stream._expected_content_length, stream._actual_content_length,
                         stream.state_machine.headers_sent, stream.state_machine.trailers_sent,
-                        stream.state_machine.headers_received, stream.state_machine.trailers_received))
+                        stream.state_machine.headers_received, stream.state_machine.trailers_received,
+                        sorted(vars(stream)), getattr(stream, "max_inbound_frame_size", None)))
     return (conn.state_machine.state, conn.outbound_flow_control_window,
             conn._inbound_flow_control_window_manager.current_window_size,
             conn.highest_inbound_stream_id, conn.highest_outbound_stream_id,

@@ -7,6 +7,7 @@ import unittest
 
 from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 
+from etcdproxy.grpc import hpackcache
 from etcdproxy.grpc.hpackcache import CachingDecoder, CachingEncoder
 
 NAMES = [b"a", b"b", b"content-type", b"x-long" * 10, b":status", b"grpc-status"]
@@ -63,3 +64,10 @@ class HpackCacheTests(unittest.TestCase):
         from hpack import OversizedHeaderListError
         with self.assertRaises(OversizedHeaderListError):
             dec.decode(again)
+
+
+class HpackAsWrittenAgainstTests(unittest.TestCase):
+    def test_blocks_are_remembered_on_the_installed_hpack(self):
+        # (off on an hpack whose table keeps its size otherwise: a test fails, not only the speed)
+        self.assertTrue(hpackcache._table_as_expected())
+        self.assertTrue(hpackcache._REMEMBERING)

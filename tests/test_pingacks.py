@@ -85,3 +85,19 @@ class HeldAcksTests(unittest.TestCase):
         b.held.hold(ACK)
         clock.advance(CONTROL_DELAY)
         self.assertEqual(b.written, [ACK])
+
+    def test_a_failed_release_does_not_strand_the_others(self):
+        clock = Clock()
+        a, b = Released(clock), Released(clock)
+
+        def broken():
+            raise RuntimeError("write failed")
+        a.held._release = broken
+        a.held.hold(ACK)
+        b.held.hold(ACK)
+        clock.advance(CONTROL_DELAY)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(b.written, [ACK])
+        b.held.hold(ACK)  # b waits again, with a timer
+        clock.advance(CONTROL_DELAY)
+        self.assertEqual(b.written, [ACK, ACK])

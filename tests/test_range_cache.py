@@ -8,6 +8,7 @@ figures (rates, staleness p50/p99).
 """
 import os
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -76,6 +77,13 @@ class RangeStoreTests(unittest.TestCase):
         self.assertEqual(len(small), 3000 // entries[0].size)
         self.assertIn(_entry(b"k19").cache_key, small.entries)
         self.assertFalse(small.put(_entry(b"big", body=b"x" * 1000)))  # alone over 1/8 of the bound
+
+    def test_a_view_costs_the_buffer_it_keeps(self):
+        buffer = bytearray(b"\n\x02\x08\x01" + b"k" * 5000)
+        buffer += b"v" * 100  # (a buffer the proxy assembled has spare room)
+        view = memoryview(buffer).toreadonly()[4:]
+        self.assertGreater(_entry(b"a", body=view).size - _entry(b"a", body=bytes(view)).size, 3)
+        self.assertEqual(_entry(b"a", body=view).size - _entry(b"a", body=b"").size, sys.getsizeof(buffer))
 
     def test_token_entries_expire_and_drop(self):
         store = RangeStore(1 << 20, 100)

@@ -44,8 +44,9 @@ from h2.stream import H2Stream, StreamInputs, StreamState
 from etcdproxy.grpc.h2connection import BoundedH2Connection
 from etcdproxy.grpc.h2internals import (
     DATA_RECEIVED, END_RECEIVED, END_SENT, HEADERS_RECEIVED, HEADERS_SENT, QUIET_CONNECTION_STATES,
-    QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_RECEIVING_STATES, QUIET_WINDOW_STATES, SUPPORTED,
-    UNSET_MAX_CONCURRENT_STREAMS, ping_ack_received, ping_received, step, window_updated)
+    QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_RECEIVING_STATES, QUIET_WINDOW_STATES,
+    STREAMS_NOTE_MAX_INBOUND_FRAME_SIZE, SUPPORTED, UNSET_MAX_CONCURRENT_STREAMS, ping_ack_received, ping_received,
+    step, window_updated)
 
 # Off (plain h2 for every frame) with ETCDPROXY_H2_FAST_PATH=0, to compare the two
 # (bench/h2_layer.py --plain, the differential tests).
@@ -403,6 +404,8 @@ class FastH2Connection(BoundedH2Connection):
                           self.local_settings._settings[_INITIAL_WINDOW_SIZE][0],
                           self.remote_settings._settings[_INITIAL_WINDOW_SIZE][0])
         stream.max_outbound_frame_size = self.max_outbound_frame_size
+        if STREAMS_NOTE_MAX_INBOUND_FRAME_SIZE:
+            stream.max_inbound_frame_size = self.max_inbound_frame_size
         self.streams[stream_id] = stream
         return stream
 

@@ -199,6 +199,16 @@ def h2_internals_as_expected():
             and all(hasattr(stream.state_machine, name) for name in ("headers_received", "state")))
 
 
+def _streams_note_max_inbound_frame_size():
+    """Whether h2 gives a new stream the connection's max_inbound_frame_size
+    (h2 4.1 does, though it reads it nowhere; later h2 does not)."""
+    probe = BoundedH2Connection(H2Configuration(client_side=True), 16384)
+    return hasattr(probe._get_or_create_stream(1, AllowedStreamIDs.ODD), "max_inbound_frame_size")
+
+
+STREAMS_NOTE_MAX_INBOUND_FRAME_SIZE = _streams_note_max_inbound_frame_size()
+
+
 def window_manager_as_expected():
     """Whether h2's WindowManager consumes a window as the fast path does
     inline: ``current_window_size`` less the size, an error below 0."""

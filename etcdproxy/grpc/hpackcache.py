@@ -26,6 +26,19 @@ MAX_ENTRIES = 32
 MAX_BLOCK = 1024
 
 
+def _table_as_expected():
+    """Whether hpack's table keeps its size as read here (``_maxsize``, what
+    its ``maxsize`` property returns); on any other hpack nothing is remembered."""
+    table = Encoder().header_table
+    if getattr(table, "_maxsize", None) != table.maxsize:
+        return False
+    table.maxsize = 100
+    return table._maxsize == table.maxsize == 100
+
+
+_REMEMBERING = _table_as_expected()
+
+
 _UNKNOWN = object()  # the table state is to be noted afresh
 
 
@@ -38,7 +51,7 @@ class CachingEncoder(Encoder):
 
     def encode(self, headers, huffman=True):
         table = self.header_table
-        if type(headers) is not list or table.resized:
+        if type(headers) is not list or table.resized or not _REMEMBERING:
             self._first = _UNKNOWN
             return super().encode(headers, huffman)
         for header in headers:
@@ -81,7 +94,7 @@ class CachingDecoder(Decoder):
                 self.max_header_list_size, self.max_allowed_table_size)
 
     def decode(self, data, raw=False):
-        if type(data) is not bytes or len(data) > MAX_BLOCK:
+        if type(data) is not bytes or len(data) > MAX_BLOCK or not _REMEMBERING:
             self._state = None
             return super().decode(data, raw)
         table = self.header_table

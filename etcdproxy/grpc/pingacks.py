@@ -7,6 +7,8 @@ The ACKs ride along with the next write on the connection instead, or go on
 their own after `CONTROL_DELAY`.
 """
 
+from twisted.logger import Logger
+
 from etcdproxy.grpc.perreactor import PerReactor
 
 # Longer than most calls take, so that the answer to the next call carries them.
@@ -27,6 +29,8 @@ class _Releases(PerReactor):
     """One timer per reactor for the ACKs every connection holds: a timer of
     their own per connection, armed on most calls under grpc-go's pings, cost
     a third of a timed call per proxied call (the reactor's heap of timers)."""
+
+    _log = Logger()
 
     def __init__(self, reactor):
         super().__init__(reactor)
@@ -50,7 +54,11 @@ class _Releases(PerReactor):
         self._call = None
         waiting, self._waiting = self._waiting, {}
         for held in waiting:
-            held.expired()
+            try:
+                held.expired()
+            except Exception:
+                # (one connection's failed write must not strand the others' ACKs)
+                self._log.failure("releasing held PING ACKs failed")
 
 
 class HeldAcks:

@@ -65,7 +65,7 @@ def split_header(answer):
                 header = rpc_pb2.ResponseHeader.FromString(answer[position:end])
             except DecodeError:
                 return None
-            return header, memoryview(answer)[end:]  # (not copied: the answer is immutable bytes)
+            return header, memoryview(answer)[end:]  # (not copied: the answer is bytes or a read-only view)
     return None
 
 

@@ -9,6 +9,7 @@ fixed revision never changes, it goes when that revision is compacted.
 """
 
 import collections
+import sys
 
 # Fixed cost counted per entry on top of its key and body (the objects, the
 # index slots): the byte bound stays an honest bound on memory.
@@ -46,7 +47,10 @@ class Entry:
         self.body = body  # the RangeResponse without header
         self.filled_at = filled_at  # the header revision of etcd's answer
         self.expires = expires  # reactor time, or None
-        self.size = len(body) + len(cache_key[1]) + len(token) + ENTRY_OVERHEAD
+        # A view of etcd's answer keeps the whole buffer it is in alive (with its
+        # spare room, for one the proxy assembled): that is what it costs.
+        held = sys.getsizeof(body.obj) if type(body) is memoryview else len(body)
+        self.size = held + len(cache_key[1]) + len(token) + ENTRY_OVERHEAD
 
 
 class RangeStore:
