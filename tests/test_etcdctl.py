@@ -16,7 +16,6 @@ import json
 import os
 import pprint
 import re
-import socket
 import shutil
 import signal
 import tempfile

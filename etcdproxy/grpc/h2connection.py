@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from h2.connection import ConnectionInputs, H2Connection, _decode_headers
 from h2.errors import ErrorCodes
-from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError, StreamIDTooLowError
+from h2.exceptions import DenialOfServiceError, StreamClosedError, StreamIDTooLowError
 from h2.frame_buffer import FrameBuffer
 from h2.stream import StreamClosedBy, StreamState
 from h2.utilities import SizeLimitDict

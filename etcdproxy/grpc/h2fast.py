@@ -9,9 +9,10 @@ a shorter way, on h2's own objects, so that its state is h2's at every moment:
 
 - receiving: whole frames are cut out of the read with plain byte arithmetic.
   DATA (unpadded), HEADERS (a whole header block: END_HEADERS, no padding or
-  priority), WINDOW_UPDATE and PING go as lean frame records to h2's own
-  handlers for them (`_receive_data_frame` and so on, through h2's dispatch and
-  error handling), so every state transition, window, event and error is h2's.
+  priority), WINDOW_UPDATE and PING go as lean frame records (`h2records`) to
+  h2's own handlers for them (`_receive_data_frame` and so on, through h2's
+  dispatch and error handling), or, in the common cases, to the steps of those
+  handlers, so every state transition, window, event and error is h2's.
   Every other frame (the preface, SETTINGS, RST_STREAM, GOAWAY, PRIORITY,
   CONTINUATION, unknown types) and every frame that would be an error in
   hyperframe's parsing (stream 0, a bad increment, a frame over the size limit)
@@ -47,6 +48,9 @@ from etcdproxy.grpc.h2internals import (
     QUIET_PING_STATES, QUIET_RECEIVING_STATES, QUIET_WINDOW_RECEIVING_STATES, QUIET_WINDOW_STATES,
     STREAMS_NOTE_MAX_INBOUND_FRAME_SIZE, SUPPORTED, UNSET_MAX_CONCURRENT_STREAMS, ping_ack_received, ping_received,
     step, window_updated)
+from etcdproxy.grpc.h2records import (
+    DATA_FLAGS, END_HEADERS as _END_HEADERS, END_STREAM as _END_STREAM, HEADERS_FLAGS, PING_FLAGS, DataFrame,
+    HeadersFrame, PingFrame, WindowUpdateFrame)
 
 # Off (plain h2 for every frame) with ETCDPROXY_H2_FAST_PATH=0, to compare the two
 # (bench/h2_layer.py --plain, the differential tests).
@@ -54,7 +58,6 @@ FAST_PATH_ENABLED = os.environ.get("ETCDPROXY_H2_FAST_PATH", "1") != "0"
 
 _HEADER = struct.Struct(">HBBBL")  # length (16 high bits), length (8 low bits), type, flags, stream id
 _DATA, _HEADERS, _PING, _WINDOW_UPDATE = 0x0, 0x1, 0x6, 0x8
-_END_STREAM, _END_HEADERS = 0x1, 0x4
 _MAX_WINDOW = 2**31 - 1
 _PING_ACK_HEADER = _HEADER.pack(0, 8, _PING, 0x1, 0)
 # DATA payloads from this size on are queued for sending as they are (bytes, or
@@ -69,8 +72,6 @@ _IDLE, _OPEN, _HALF_CLOSED_LOCAL, _HALF_CLOSED_REMOTE = (
 _MAX_CONCURRENT_STREAMS = SettingCodes.MAX_CONCURRENT_STREAMS
 
 
-
-
 def _acceptable_header(header, max_size):
     """Whether h2 would wait for the rest of a frame with this header (rather
     than refuse it now, or hold a frame over the size limit for the protocol's
@@ -80,69 +81,6 @@ def _acceptable_header(header, max_size):
     except (InvalidDataError, InvalidFrameError):
         return False
     return length <= max_size
-
-
-class _DataFrame:
-    """What h2's `_receive_data_frame` reads of an unpadded DATA frame."""
-
-    __slots__ = ("stream_id", "data", "flags", "flow_controlled_length")
-
-    def __init__(self, stream_id, data, flags):
-        self.stream_id = stream_id
-        self.data = data
-        self.flags = flags
-        self.flow_controlled_length = len(data)
-
-    def __repr__(self):
-        return f"DataFrame(stream_id={self.stream_id}, flags={sorted(self.flags)}, {len(self.data)} bytes)"
-
-
-class _HeadersFrame:
-    """What h2's `_receive_headers_frame` reads of a whole header block."""
-
-    __slots__ = ("stream_id", "data", "flags")
-
-    def __init__(self, stream_id, data, flags):
-        self.stream_id = stream_id
-        self.data = data
-        self.flags = flags
-
-    def __repr__(self):
-        return f"HeadersFrame(stream_id={self.stream_id}, flags={sorted(self.flags)}, {len(self.data)} bytes)"
-
-
-class _WindowUpdateFrame:
-    """What h2's `_receive_window_update_frame` reads."""
-
-    __slots__ = ("stream_id", "window_increment")
-
-    def __init__(self, stream_id, window_increment):
-        self.stream_id = stream_id
-        self.window_increment = window_increment
-
-    def __repr__(self):
-        return f"WindowUpdateFrame(stream_id={self.stream_id}, window_increment={self.window_increment})"
-
-
-class _PingFrame:
-    """What h2's `_receive_ping_frame` reads (h2 answers it as ever)."""
-
-    __slots__ = ("stream_id", "flags", "opaque_data")
-
-    def __init__(self, flags, opaque_data):
-        self.stream_id = 0
-        self.flags = flags
-        self.opaque_data = opaque_data
-
-    def __repr__(self):
-        return f"PingFrame(flags={sorted(self.flags)}, opaque_data={self.opaque_data!r})"
-
-
-# Flag names as hyperframe gives them, for the flag bytes the fast path takes.
-_DATA_FLAGS = {0: frozenset(), _END_STREAM: frozenset({"END_STREAM"})}
-_PING_FLAGS = {0: frozenset(), 0x1: frozenset({"ACK"})}
-_HEADERS_FLAGS = {_END_HEADERS: frozenset({"END_HEADERS"}),
-                  _END_HEADERS | _END_STREAM: frozenset({"END_HEADERS", "END_STREAM"})}
 
 
 class FastH2Connection(BoundedH2Connection):
@@ -164,10 +102,10 @@ class FastH2Connection(BoundedH2Connection):
         self._server_side = not config.client_side
         if self._fast:
             table = self._frame_dispatch_table
-            table[_DataFrame] = self._receive_data_frame
-            table[_HeadersFrame] = self._receive_headers_frame
-            table[_WindowUpdateFrame] = self._receive_window_update_frame
-            table[_PingFrame] = self._receive_ping_frame
+            table[DataFrame] = self._receive_data_frame
+            table[HeadersFrame] = self._receive_headers_frame
+            table[WindowUpdateFrame] = self._receive_window_update_frame
+            table[PingFrame] = self._receive_ping_frame
 
     @property
     def fast_path_active(self):
@@ -304,11 +242,11 @@ class FastH2Connection(BoundedH2Connection):
         handling, without its generic frame handler)."""
         stream = self.streams.get(sid)
         if stream is None or self.state_machine.state not in QUIET_RECEIVING_STATES:
-            return self._receive_frame(_DataFrame(sid, data, _DATA_FLAGS[flags]))
+            return self._receive_frame(DataFrame(sid, data, DATA_FLAGS[flags]))
         machine = stream.state_machine
         state = machine.state
         if not (state is _OPEN or state is _HALF_CLOSED_LOCAL) or not machine.headers_received:
-            return self._receive_frame(_DataFrame(sid, data, _DATA_FLAGS[flags]))
+            return self._receive_frame(DataFrame(sid, data, DATA_FLAGS[flags]))
         length = len(data)
         # h2's WindowManager.window_consumed, inline while the window holds the
         # data (past it, h2's own raises FlowControlError).
@@ -342,7 +280,7 @@ class FastH2Connection(BoundedH2Connection):
     def _receive_ping(self, data, flags):
         """A PING, answered as h2 answers it (h2's ACK frame, written as bytes)."""
         if self.state_machine.state not in QUIET_PING_STATES:
-            return self._receive_frame(_PingFrame(_PING_FLAGS[flags], data))
+            return self._receive_frame(PingFrame(PING_FLAGS[flags], data))
         if flags:
             return [ping_ack_received(data)]
         self._data_to_send += _PING_ACK_HEADER + data
@@ -358,7 +296,7 @@ class FastH2Connection(BoundedH2Connection):
             if window <= _MAX_WINDOW:  # (past it, h2's FlowControlError)
                 self.outbound_flow_control_window = window
                 return [window_updated(0, increment)]
-        frame = _WindowUpdateFrame(sid, increment)
+        frame = WindowUpdateFrame(sid, increment)
         if sid and sid not in self.streams:
             return self._receive_frame(frame)
         frames, events = self._receive_window_update_frame(frame)
@@ -374,17 +312,17 @@ class FastH2Connection(BoundedH2Connection):
         these cases need, are h2's own; anything else goes to h2 whole."""
         stream = self.streams.get(sid)
         if self.state_machine.state not in QUIET_RECEIVING_STATES:
-            return self._receive_frame(_HeadersFrame(sid, block, _HEADERS_FLAGS[flags]))
+            return self._receive_frame(HeadersFrame(sid, block, HEADERS_FLAGS[flags]))
         if stream is None:
             # A new stream: one h2 would open (right parity, above the highest
             # id) within the concurrency limit (past it, h2's refusal).
             if (not self._server_side or not sid & 1 or sid <= self.highest_inbound_stream_id
                     or self._over_stream_limit(self.local_settings, outbound=False)):
-                return self._receive_frame(_HeadersFrame(sid, block, _HEADERS_FLAGS[flags]))
+                return self._receive_frame(HeadersFrame(sid, block, HEADERS_FLAGS[flags]))
         else:
             state = stream.state_machine.state
             if not (state is _OPEN or state is _HALF_CLOSED_LOCAL):
-                return self._receive_frame(_HeadersFrame(sid, block, _HEADERS_FLAGS[flags]))
+                return self._receive_frame(HeadersFrame(sid, block, HEADERS_FLAGS[flags]))
         try:  # h2's _decode_headers, inline
             headers = self.decoder.decode(block, raw=True)
         except OversizedHeaderListError as e:
