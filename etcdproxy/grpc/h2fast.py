@@ -136,6 +136,7 @@ class FastH2Connection(BoundedH2Connection):
             data = data[take:]
         if type(data) is not bytes:
             data = bytes(data)
+        start = 0
         partial = self._partial
         if partial:
             self._partial = b""
@@ -152,11 +153,9 @@ class FastH2Connection(BoundedH2Connection):
                     buffer.add_data(data[rest:])  # (h2 has the rest, as below)
                     raise
                 if not self._fast:
-                    events += super().receive_data(data[rest:])
-                    return events
-                events += self._receive_frames(data, rest)
-                return events
-        events += self._receive_frames(data, 0)
+                    return events + super().receive_data(data[rest:])
+                start = rest
+        events += self._receive_frames(data, start)
         return events
 
     def _receive_frames(self, data, position):
